@@ -1,0 +1,31 @@
+# Every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL ?=
+PROMPT_IDS ?= 1
+TOKENS ?= 32
+PYTEST_ARGS ?=
+
+.PHONY: test run bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first: the CPU wheel on this kind of machine; later installs must not replace it.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+run: $(STAMP)
+	@test -n "$(MODEL)" || { echo "usage: make run MODEL=path/to/hf-checkpoint-dir [PROMPT_IDS='1 450'] [TOKENS=32]"; exit 2; }
+	$(VENV)/bin/llama-ref generate --model "$(MODEL)" --prompt-ids "$(PROMPT_IDS)" --max-new-tokens $(TOKENS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_dense.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

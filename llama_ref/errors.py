@@ -1,0 +1,17 @@
+"""Errors a user can act on: each names the file, key or tensor at fault and the rule it broke."""
+
+
+class LlamaRefError(Exception):
+    """Base class of every error llama-ref raises on purpose."""
+
+
+class ConfigError(LlamaRefError, ValueError):
+    """config.json asks for something this engine does not implement, or is malformed."""
+
+
+class CheckpointError(LlamaRefError, ValueError):
+    """A weight file is missing, truncated, or holds tensors that do not fit the config."""
+
+
+class ContextLengthError(LlamaRefError, ValueError):
+    """The tokens do not fit in the model's context or in the KV cache."""

@@ -1,0 +1,103 @@
+"""Building a Model from an HF checkpoint directory: config.json + safetensors.
+
+Every tensor the config implies must be present with the right shape; anything else in the
+file is an error, except the few names known to be harmless.
+"""
+import re
+from pathlib import Path
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .linear import DenseLinear
+from .model import Layer, Model, Weights
+from .weights import StoredTensor, read_checkpoint
+
+# HF name (per layer, after "model.layers.{i}.") -> Meta name
+LAYER_NAMES = {
+    "input_layernorm": "attention_norm",
+    "self_attn.q_proj": "wq",
+    "self_attn.k_proj": "wk",
+    "self_attn.v_proj": "wv",
+    "self_attn.o_proj": "wo",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "w1",
+    "mlp.down_proj": "w2",
+    "mlp.up_proj": "w3",
+}
+# Saved by older transformers versions; recomputed from the config, never read.
+HARMLESS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name a dense checkpoint of this config holds, with its shape."""
+    hidden, inter, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q_out, kv_out = config.num_attention_heads * d, config.num_key_value_heads * d
+    per_layer = {
+        "input_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (q_out, hidden),
+        "self_attn.k_proj.weight": (kv_out, hidden),
+        "self_attn.v_proj.weight": (kv_out, hidden),
+        "self_attn.o_proj.weight": (hidden, q_out),
+        "post_attention_layernorm.weight": (hidden,),
+        "mlp.gate_proj.weight": (inter, hidden),
+        "mlp.up_proj.weight": (inter, hidden),
+        "mlp.down_proj.weight": (hidden, inter),
+    }
+    if config.attention_bias:
+        per_layer.update({"self_attn.q_proj.bias": (q_out,), "self_attn.k_proj.bias": (kv_out,),
+                          "self_attn.v_proj.bias": (kv_out,), "self_attn.o_proj.bias": (hidden,)})
+    if config.mlp_bias:
+        per_layer.update({"mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,),
+                          "mlp.down_proj.bias": (hidden,)})
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden), "model.norm.weight": (hidden,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, hidden)
+    for i in range(config.num_hidden_layers):
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
+    return shapes
+
+
+def check_tensors(tensors: dict[str, StoredTensor], config: ModelConfig, source: str) -> None:
+    expected = expected_shapes(config)
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise CheckpointError(f"{source}: tensor {name} is missing")
+        if tensors[name].shape != shape:
+            raise CheckpointError(f"{source}: tensor {name} has shape {list(tensors[name].shape)}, "
+                                  f"the config implies {list(shape)}")
+    # With tied embeddings transformers ignores a stored lm_head.weight; so do we.
+    tolerated = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    unexpected = sorted(n for n in tensors if n not in expected and n not in tolerated and not HARMLESS.fullmatch(n))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]}{more}; "
+                              "the config does not use it")
+
+
+def build_weights(tensors: dict[str, StoredTensor], config: ModelConfig) -> Weights:
+    def linear(prefix: str) -> DenseLinear:
+        return DenseLinear(tensors[prefix + ".weight"], tensors.get(prefix + ".bias"))
+
+    layers = []
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        parts = {meta: tensors[p + hf + ".weight"].to_float32() if hf.endswith("layernorm") else linear(p + hf)
+                 for hf, meta in LAYER_NAMES.items()}
+        layers.append(Layer(**parts))
+    embedding = tensors["model.embed_tokens.weight"]
+    output = DenseLinear(embedding if config.tie_word_embeddings else tensors["lm_head.weight"])
+    return Weights(tok_embeddings=embedding, layers=tuple(layers),
+                   norm=tensors["model.norm.weight"].to_float32(), output=output)
+
+
+def load_model(path: str | Path) -> Model:
+    """Load an HF checkpoint directory (config.json + safetensors, single or sharded)."""
+    if str(path) == "default":
+        raise CheckpointError("the default model is not available yet; pass a checkpoint directory")
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory (expected an HF checkpoint directory)")
+    config = ModelConfig.from_json_file(directory / "config.json")
+    tensors = read_checkpoint(directory)
+    check_tensors(tensors, config, str(directory))
+    return Model(config, build_weights(tensors, config))

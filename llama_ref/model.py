@@ -1,0 +1,180 @@
+"""The Llama forward pass in NumPy, float32 activations.
+
+Checked against HuggingFace transformers' LlamaForCausalLM (float32, CPU): same logits
+within 1e-4 relative, same greedy tokens (tests/test_model_vs_transformers.py).
+
+Names follow Meta's reference model.py (wq wk wv wo, w1 w2 w3, attention_norm, ffn_norm);
+loader.py maps HF checkpoint names onto them. Invariant throughout: row i of a chunk is the
+token at absolute position start_pos + i.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+from .config import ModelConfig
+from .errors import ContextLengthError
+from .linear import DenseLinear
+from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+from .kernels import widen_numpy
+from .weights import StoredTensor
+
+
+@dataclass(frozen=True)
+class Layer:
+    attention_norm: np.ndarray  # (hidden,) float32
+    wq: DenseLinear             # hidden -> n_heads * head_dim
+    wk: DenseLinear             # hidden -> n_kv_heads * head_dim
+    wv: DenseLinear             # hidden -> n_kv_heads * head_dim
+    wo: DenseLinear             # n_heads * head_dim -> hidden
+    ffn_norm: np.ndarray        # (hidden,) float32
+    w1: DenseLinear             # gate: hidden -> intermediate
+    w2: DenseLinear             # down: intermediate -> hidden
+    w3: DenseLinear             # up:   hidden -> intermediate
+
+
+@dataclass(frozen=True)
+class Weights:
+    tok_embeddings: StoredTensor  # (vocab, hidden), stored dtype; rows widened on lookup
+    layers: tuple[Layer, ...]
+    norm: np.ndarray              # (hidden,) float32
+    output: DenseLinear           # hidden -> vocab (the embedding matrix when tied)
+
+
+class KVCache:
+    """Keys and values of every layer for one sequence, written in place.
+
+    k, v: (n_layers, n_kv_heads, max_seq_len, head_dim) float32. np.zeros maps untouched
+    pages lazily, so a long max_seq_len costs memory only as positions are filled.
+    """
+
+    def __init__(self, config: ModelConfig, max_seq_len: int):
+        shape = (config.num_hidden_layers, config.num_key_value_heads, max_seq_len, config.head_dim)
+        self.k = np.zeros(shape, dtype=np.float32)
+        self.v = np.zeros(shape, dtype=np.float32)
+        self.max_seq_len = max_seq_len
+        self.length = 0  # positions 0 .. length-1 hold valid keys and values
+
+    def update(self, layer: int, start_pos: int, k: np.ndarray, v: np.ndarray):
+        """Store k, v (n, n_kv_heads, head_dim) at positions start_pos..start_pos+n-1 and
+        return all keys and values up to there: (n_kv_heads, start_pos + n, head_dim) each."""
+        end = start_pos + k.shape[0]
+        self.k[layer, :, start_pos:end] = k.transpose(1, 0, 2)
+        self.v[layer, :, start_pos:end] = v.transpose(1, 0, 2)
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x²) + eps) * weight.  x (n, hidden)."""
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """SiLU(x) = x · sigmoid(x); exp overflows to inf for very negative x, giving -0 as it should."""
+    with np.errstate(over="ignore"):
+        return x / (np.float32(1.0) + np.exp(-x))
+
+
+def feed_forward(x: np.ndarray, layer: Layer) -> np.ndarray:
+    """SwiGLU (Shazeer 2020): w2(silu(w1 x) ⊙ w3 x).  x (n, hidden)."""
+    return layer.w2(silu(layer.w1(x)) * layer.w3(x))
+
+
+def causal_mask(n: int, start_pos: int) -> np.ndarray:
+    """0 where query row i (position start_pos + i) may see key position t ≤ start_pos + i,
+    -inf elsewhere.  Returns (n, start_pos + n) float32."""
+    key_pos = np.arange(start_pos + n)[None, :]
+    query_pos = start_pos + np.arange(n)[:, None]
+    return np.where(key_pos <= query_pos, np.float32(0.0), np.float32(-np.inf))
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Along the last axis, max-subtracted so that no exp overflows."""
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np.ndarray:
+    """Causal grouped-query attention: softmax(q kᵀ / sqrt(d) + mask) v, where query head h
+    reads key/value head h // n_rep (transformers' repeat_kv).
+
+    q (n, n_heads, d); k, v (n_kv_heads, T, d) with T = start_pos + n.  Returns (n, n_heads * d).
+    """
+    n, n_heads, d = q.shape
+    n_kv_heads, seq_len, _ = k.shape
+    n_rep = n_heads // n_kv_heads
+    q = q.reshape(n, n_kv_heads, n_rep, d).transpose(1, 2, 0, 3)       # (n_kv, n_rep, n, d)
+    scores = q @ k[:, None].transpose(0, 1, 3, 2) / np.float32(np.sqrt(d))  # (n_kv, n_rep, n, T)
+    probs = softmax(scores + causal_mask(n, start_pos))              # (n_kv, n_rep, n, T)
+    out = probs @ v[:, None]                                         # (n_kv, n_rep, n, d)
+    return out.transpose(2, 0, 1, 3).reshape(n, n_heads * d)
+
+
+def embed(tokens: np.ndarray, table: StoredTensor) -> np.ndarray:
+    """Rows of the embedding table, widened.  Returns (n, hidden) float32."""
+    return widen_numpy(table.data[tokens], table.dtype)
+
+
+def forward(config: ModelConfig, weights: Weights, tokens: np.ndarray, start_pos: int,
+            cache: KVCache) -> np.ndarray:
+    """Logits for a chunk of tokens at positions start_pos .. start_pos + n - 1, reading and
+    extending the cache.  Returns (n, vocab_size) float32."""
+    n = len(tokens)
+    end = start_pos + n
+    check_positions(config, cache, n, start_pos)
+    n_heads, n_kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    cos, sin = rope_cos_sin(np.arange(start_pos, end), rope_inv_freq(config, seq_len=end))  # (n, d)
+    x = embed(tokens, weights.tok_embeddings)                           # (n, hidden)
+    for i, layer in enumerate(weights.layers):
+        h = rms_norm(x, layer.attention_norm, config.rms_norm_eps)     # (n, hidden)
+        q = apply_rope(layer.wq(h).reshape(n, n_heads, d), cos, sin)   # (n, n_heads, d)
+        k = apply_rope(layer.wk(h).reshape(n, n_kv_heads, d), cos, sin)  # (n, n_kv_heads, d)
+        v = layer.wv(h).reshape(n, n_kv_heads, d)                       # (n, n_kv_heads, d)
+        keys, values = cache.update(i, start_pos, k, v)                 # (n_kv_heads, end, d)
+        x = x + layer.wo(attention(q, keys, values, start_pos))
+        x = x + feed_forward(rms_norm(x, layer.ffn_norm, config.rms_norm_eps), layer)
+    cache.length = end
+    return weights.output(rms_norm(x, weights.norm, config.rms_norm_eps))  # (n, vocab)
+
+
+def check_positions(config: ModelConfig, cache: KVCache, n: int, start_pos: int) -> None:
+    if n == 0:
+        raise ContextLengthError("tokens: at least one token is needed")
+    if not 0 <= start_pos <= cache.length:
+        raise ContextLengthError(f"start_pos={start_pos}: the cache holds positions 0..{cache.length - 1}; "
+                                 "a chunk must start inside or right after them")
+    end = start_pos + n
+    if end > config.context_length:
+        raise ContextLengthError(f"{end} tokens do not fit in the model's context of "
+                                 f"{config.context_length} tokens")
+    if end > cache.max_seq_len:
+        raise ContextLengthError(f"{end} tokens do not fit in the KV cache of {cache.max_seq_len} positions")
+
+
+class Model:
+    """A loaded model: the public face of the engine (see README, "Python API")."""
+
+    def __init__(self, config: ModelConfig, weights: Weights, tokenizer=None):
+        self.config = config
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self._threadpools = ThreadpoolController()
+
+    def new_cache(self, max_seq_len: int | None = None) -> KVCache:
+        """A KV cache for one sequence of up to max_seq_len tokens (default: the context)."""
+        limit = self.config.context_length
+        if max_seq_len is not None and not 0 < max_seq_len <= limit:
+            raise ContextLengthError(f"max_seq_len={max_seq_len}: must be in 1..{limit} (the model's context)")
+        return KVCache(self.config, max_seq_len or limit)
+
+    def forward(self, tokens, start_pos: int, cache: KVCache) -> np.ndarray:
+        """Logits (len(tokens), vocab_size) float32 for tokens at positions start_pos.. ."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
+        if bad.size:
+            raise ValueError(f"tokens: id {int(bad[0])} is outside the vocabulary 0..{self.config.vocab_size - 1}")
+        # The Numba kernels already use every core. OpenBLAS threads, which keep spinning after
+        # each call, would fight them for the same cores (measured: prefill 10x slower), so
+        # BLAS runs single-threaded inside the forward pass.
+        with self._threadpools.limit(limits=1, user_api="blas"):
+            return forward(self.config, self.weights, ids, start_pos, cache)

@@ -1,0 +1,116 @@
+"""Reading safetensors checkpoints as memory-mapped NumPy arrays, without copying.
+
+The safetensors library's NumPy API copies every tensor into memory and cannot return
+bf16 at all, so this module reads the (simple, specified) file layout itself: an 8-byte
+little-endian header length, a JSON header mapping each name to dtype, shape and byte
+offsets, then the raw little-endian data. Each tensor is a view into one np.memmap of its
+file, so pages are read from disk only when the forward pass touches them and a 13B fp16
+model costs no more resident memory than its file.
+
+bf16 has no NumPy dtype: it is kept as its raw uint16 bit pattern, fp16 likewise (the
+kernels widen both on the fly; see kernels/convert.py).
+"""
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError
+from .kernels import widen_numpy
+
+# safetensors dtype -> the NumPy dtype the bytes are viewed as
+NUMPY_DTYPES = {"F32": np.float32, "F16": np.uint16, "BF16": np.uint16, "F64": np.float64,
+                "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+                "U8": np.uint8, "BOOL": np.bool_}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor as it lies in the file: `data` is a read-only view of the mapped bytes."""
+    name: str
+    dtype: str          # safetensors dtype name: "F32", "F16", "BF16", "I32", ...
+    data: np.ndarray    # shape as stored; F16/BF16 as uint16 bit patterns
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    def to_float32(self) -> np.ndarray:
+        """A float32 copy: for the small tensors only (norms, biases)."""
+        return widen_numpy(self.data, self.dtype)
+
+
+def read_safetensors(path: str | Path) -> dict[str, StoredTensor]:
+    """Every tensor of one .safetensors file, memory-mapped, with its size checked."""
+    path = Path(path)
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: truncated: {file_size} bytes, no safetensors header")
+        header_len = struct.unpack("<Q", prefix)[0]
+        if 8 + header_len > file_size:
+            raise CheckpointError(f"{path}: truncated: header claims {header_len} bytes, "
+                                  f"file has {file_size}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    mapped = np.memmap(path, dtype=np.uint8, mode="r") if file_size > data_start else None
+    return {name: _view(path, mapped, data_start, file_size, name, info) for name, info in header.items()}
+
+
+def _view(path, mapped, data_start, file_size, name, info) -> StoredTensor:
+    dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    if dtype not in NUMPY_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, which is not supported")
+    np_dtype = np.dtype(NUMPY_DTYPES[dtype])
+    if end - begin != math.prod(shape) * np_dtype.itemsize:
+        raise CheckpointError(f"{path}: tensor {name}: {end - begin} bytes do not hold "
+                              f"{dtype} {list(shape)}")
+    if data_start + end > file_size:
+        raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {data_start + end}, "
+                              f"file has {file_size}")
+    if end == begin:
+        return StoredTensor(name, dtype, np.empty(shape, dtype=np_dtype))
+    raw = mapped[data_start + begin:data_start + end]
+    return StoredTensor(name, dtype, np.asarray(raw).view(np_dtype).reshape(shape))
+
+
+def read_checkpoint(directory: str | Path) -> dict[str, StoredTensor]:
+    """All tensors of an HF checkpoint directory: sharded (model.safetensors.index.json),
+    a single model.safetensors, or a directory holding exactly one .safetensors file."""
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    if index.exists():
+        return _read_sharded(directory, index)
+    files = [directory / SINGLE_FILE] if (directory / SINGLE_FILE).exists() else sorted(directory.glob("*.safetensors"))
+    if len(files) != 1:
+        found = ", ".join(f.name for f in files) or "none"
+        raise CheckpointError(f"{directory}: expected {SINGLE_FILE}, {INDEX_FILE} or exactly one "
+                              f".safetensors file; found: {found}")
+    return read_safetensors(files[0])
+
+
+def _read_sharded(directory: Path, index: Path) -> dict[str, StoredTensor]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({err!r})") from None
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (directory / shard).exists():
+            raise CheckpointError(f"{index}: shard {shard} is missing from {directory}")
+        tensors.update(read_safetensors(directory / shard))
+    listed_elsewhere = [name for name, shard in weight_map.items() if name not in tensors]
+    if listed_elsewhere:
+        raise CheckpointError(f"{index}: tensor {listed_elsewhere[0]} is listed in shard "
+                              f"{weight_map[listed_elsewhere[0]]} but is not in it")
+    return tensors

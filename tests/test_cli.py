@@ -1,0 +1,30 @@
+"""The command line, run as a user runs it."""
+import subprocess
+import sys
+
+import torch
+
+from conftest import load_reference
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "llama_ref.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_prints_transformers_greedy_tokens(checkpoint):
+    directory = checkpoint("gqa")
+    prompt = [1, 17, 42, 99]
+    result = run_cli("generate", "--model", str(directory), "--prompt-ids", " ".join(map(str, prompt)),
+                     "--max-new-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    expected = load_reference(directory).generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):]
+    assert [int(t) for t in result.stdout.split()] == expected.tolist()
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    result = run_cli("generate", "--model", str(tmp_path / "missing"), "--prompt-ids", "1")
+    assert result.returncode == 2
+    assert result.stderr.startswith("llama-ref: error: ") and "Traceback" not in result.stderr
+    result = run_cli("generate", "--model", str(tmp_path), "--prompt-ids", "1 x")
+    assert result.returncode == 2 and "--prompt-ids: expected integers" in result.stderr

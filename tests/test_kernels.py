@@ -1,0 +1,64 @@
+"""Each Numba kernel against its NumPy twin."""
+import numpy as np
+import pytest
+
+from llama_ref.kernels import convert, dense
+
+SHAPES = [(1, 1, 1), (1, 17, 33), (3, 129, 65), (8, 513, 257), (9, 300, 1), (37, 1000, 777), (1, 4097, 7)]
+
+
+def random_weight(rng, shape, storage):
+    w = rng.standard_normal(shape).astype(np.float32)
+    if storage == "F16":
+        return w.astype(np.float16).view(np.uint16)
+    if storage == "BF16":
+        return (w.view(np.uint32) >> 16).astype(np.uint16)
+    return w
+
+
+def test_f16_widening_is_exact_for_every_bit_pattern():
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    ours = convert_all(bits, "F16")
+    expected = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(expected)
+    assert np.array_equal(np.isnan(ours), nan)
+    assert np.array_equal(ours[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+
+
+def test_bf16_widening_is_exact_for_every_bit_pattern():
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    ours = convert_all(bits, "BF16")
+    assert np.array_equal(ours.view(np.uint32), bits.astype(np.uint32) << 16)
+    # and the NumPy twin agrees with an independent float64 decoding of bf16 normals
+    normal = (bits & 0x7F80 != 0) & (bits & 0x7F80 != 0x7F80)
+    sign = np.where(bits & 0x8000, -1.0, 1.0)
+    exponent = ((bits >> 7) & 0xFF).astype(np.int64) - 127
+    mantissa = 1.0 + (bits & 0x7F) / 128.0
+    assert np.array_equal(convert.bf16_to_f32_numpy(bits)[normal], (sign * mantissa * 2.0 ** exponent)[normal])
+
+
+def convert_all(bits, storage):
+    w = bits.reshape(1, -1)
+    return dense._WIDEN_ROWS[storage](w, 0, 1)[0]
+
+
+@pytest.mark.parametrize("storage", ["F32", "F16", "BF16"])
+@pytest.mark.parametrize("n, d_in, d_out", SHAPES)
+@pytest.mark.parametrize("kernel", [dense.matmul_small, dense.matmul_tiled, dense.matmul])
+def test_matmul_kernels_equal_numpy_twin(storage, n, d_in, d_out, kernel):
+    rng = np.random.default_rng(n * 1000 + d_in + d_out)
+    x = rng.standard_normal((n, d_in)).astype(np.float32)
+    w = random_weight(rng, (d_out, d_in), storage)
+    ours = kernel(x, w, storage)
+    expected = dense.matmul_numpy(x, w, storage)
+    assert ours.shape == (n, d_out) and ours.dtype == np.float32
+    scale = np.abs(expected).max()
+    assert np.abs(ours - expected).max() <= 1e-5 * scale, f"max err {np.abs(ours - expected).max()}, scale {scale}"
+
+
+def test_tiled_kernel_covers_a_partial_last_tile():
+    rng = np.random.default_rng(0)
+    d_out = dense.TILE_ROWS * 2 + 3
+    x = rng.standard_normal((20, 64)).astype(np.float32)
+    w = random_weight(rng, (d_out, 64), "F16")
+    assert np.allclose(dense.matmul_tiled(x, w, "F16"), dense.matmul_numpy(x, w, "F16"), rtol=1e-5, atol=1e-5)

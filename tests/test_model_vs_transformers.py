@@ -1,0 +1,91 @@
+"""The forward pass against transformers' LlamaForCausalLM / MistralForCausalLM in float32."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import llama_ref
+from llama_ref.model import forward
+from conftest import CASES, SMALL, load_reference, relative_error
+
+# Past max_position_embeddings dynamic NTK depends on the length of each forward call, in
+# transformers as here (see llama_ref/rope.py), so chunked and full forwards differ by design.
+STATIC_ROPE = [name for name in CASES if name != "rope_dynamic"]
+
+
+def reference_logits(directory, tokens) -> np.ndarray:
+    with torch.no_grad():
+        return load_reference(directory)(torch.tensor(np.asarray(tokens))[None]).logits[0].numpy()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_logits_match_transformers(checkpoint, prompt, name):
+    model = llama_ref.load_model(checkpoint(name))
+    ours = model.forward(prompt, 0, model.new_cache())
+    theirs = reference_logits(checkpoint(name), prompt)
+    assert ours.dtype == np.float32 and ours.shape == (64, SMALL["vocab_size"])
+    assert relative_error(ours, theirs) <= 1e-4
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_greedy_decoding_matches_generate(checkpoint, prompt, name):
+    """64 greedy tokens through our KV cache equal transformers' generate(do_sample=False),
+    and so do the logits of every step."""
+    reference = load_reference(checkpoint(name))
+    out = reference.generate(torch.tensor(prompt)[None], max_new_tokens=64, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, return_dict_in_generate=True,
+                             output_logits=True)
+    expected = out.sequences[0, len(prompt):].tolist()
+    assert len(expected) == 64
+
+    model = llama_ref.load_model(checkpoint(name))
+    cache = model.new_cache()
+    logits = model.forward(prompt, 0, cache)[-1]
+    tokens = []
+    for step in range(64):
+        assert relative_error(logits, out.logits[step][0].numpy()) <= 1e-4, f"step {step}"
+        tokens.append(int(np.argmax(logits)))
+        logits = model.forward([tokens[-1]], len(prompt) + step, cache)[-1]
+    assert tokens == expected
+
+
+@pytest.mark.parametrize("name", STATIC_ROPE)
+def test_decoding_through_cache_equals_full_recompute(checkpoint, name):
+    model = llama_ref.load_model(checkpoint(name))
+    tokens = np.random.default_rng(7).integers(0, SMALL["vocab_size"], size=96)
+    full = model.forward(tokens, 0, model.new_cache())
+    cache = model.new_cache()
+    model.forward(tokens[:64], 0, cache)
+    stepped = np.concatenate([model.forward(tokens[p:p + 1], p, cache) for p in range(64, 96)])
+    assert relative_error(stepped, full[64:]) <= 1e-5
+
+
+@pytest.mark.parametrize("name", STATIC_ROPE)
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_prefill_equals_one_pass(checkpoint, prompt, name, chunk):
+    model = llama_ref.load_model(checkpoint(name))
+    whole = model.forward(prompt, 0, model.new_cache())
+    cache = model.new_cache()
+    pieces = [model.forward(prompt[s:s + chunk], s, cache) for s in range(0, len(prompt), chunk)]
+    assert relative_error(np.concatenate(pieces), whole) <= 1e-5
+
+
+def test_dynamic_rope_is_chunk_independent_within_original_length(checkpoint):
+    """Below max_position_embeddings dynamic NTK is plain RoPE, so chunking cannot matter."""
+    model = llama_ref.load_model(checkpoint("rope_dynamic"))
+    tokens = np.arange(3, 3 + 48)
+    whole = model.forward(tokens, 0, model.new_cache())
+    cache = model.new_cache()
+    pieces = [model.forward(tokens[s:s + 5], s, cache) for s in range(0, 48, 5)]
+    assert relative_error(np.concatenate(pieces), whole) <= 1e-5
+
+
+def test_rope_scaling_changes_the_logits(checkpoint, prompt):
+    """Guards the scaled cases against passing vacuously: the same weights with the scaling
+    dropped from our config are far from transformers' logits."""
+    for name in ["rope_linear", "rope_dynamic", "rope_llama3"]:
+        model = llama_ref.load_model(checkpoint(name))
+        unscaled = replace(model.config, rope_scaling=None, max_position_embeddings=256)
+        ours = forward(unscaled, model.weights, prompt, 0, model.new_cache())
+        assert relative_error(ours, reference_logits(checkpoint(name), prompt)) > 1e-3, name
