@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL ?=
-PROMPT_IDS ?= 1
+PROMPT ?= The capital of France is
+PROMPT_IDS ?=
 TOKENS ?= 32
 PYTEST_ARGS ?=
 
@@ -21,8 +22,8 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 run: $(STAMP)
-	@test -n "$(MODEL)" || { echo "usage: make run MODEL=path/to/hf-checkpoint-dir [PROMPT_IDS='1 450'] [TOKENS=32]"; exit 2; }
-	$(VENV)/bin/llama-ref generate --model "$(MODEL)" --prompt-ids "$(PROMPT_IDS)" --max-new-tokens $(TOKENS)
+	@test -n "$(MODEL)" || { echo "usage: make run MODEL=path/to/hf-checkpoint-dir [PROMPT='text' | PROMPT_IDS='1 450'] [TOKENS=32]"; exit 2; }
+	$(VENV)/bin/llama-ref generate --model "$(MODEL)" $(if $(PROMPT_IDS),--prompt-ids "$(PROMPT_IDS)",--prompt "$(PROMPT)") --max-new-tokens $(TOKENS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_dense.py

