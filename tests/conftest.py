@@ -5,6 +5,7 @@ the files are exactly what transformers writes. Norm weights and biases are rand
 so a forward pass that skipped them could not pass.
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,3 +185,32 @@ def _three_ways(directory, ours):
     (directory / "tokenizer.json").write_text(json.dumps(spec))
     hf = HFTokenizer(directory / "tokenizer.json", bos="<s>", eos="</s>")
     return ours, library, hf
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_fp16(smollm2_gguf):
+    """SmolLM2-135M-Instruct as an HF fp16 safetensors checkpoint, dequantized from the GGUF by
+    transformers and cached under $LLAMA_REF_HOME (about a minute the first time)."""
+    import os
+    import shutil
+    import tempfile
+
+    from llama_ref.assets import cache_home
+    target = cache_home() / "derived" / f"smollm2-135m-instruct-fp16-transformers{transformers.__version__}"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float16,
+            quantization_config=transformers.GgufConfig(dequantize=True))
+        model.hf_quantizer, model.is_quantized = None, False
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(staging)
+        transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name
+                                                   ).save_pretrained(staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
