@@ -5,6 +5,7 @@ the files are exactly what transformers writes. Norm weights and biases are rand
 so a forward pass that skipped them could not pass.
 """
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,17 @@ import pytest
 import sentencepiece
 import torch
 import transformers
+from hypothesis import settings
 from tokenizers import normalizers
 
 from llama_ref.tokenizer import HFTokenizer, load_gguf_tokenizer, load_tokenizer
 from llama_ref.tokenizer.gguf_vocab import read_gguf_vocab, sentencepiece_model
+
+# CI replays the same generated examples on every run, so a landing never hinges on luck;
+# a local run explores new ones (and keeps any failure in .hypothesis/ to replay).
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,

@@ -96,8 +96,8 @@ def test_special_ids_and_pieces(llama_tokenizers, mistral_tokenizers):
         assert ours.id_to_piece(3 + 0x0A) == "<0x0A>" and ours.add_bos
 
 
-def numeric_run_beyond_ascii(text: str) -> bool:
-    return any(a.isnumeric() and b.isnumeric() and not (a.isascii() and b.isascii()) for a, b in zip(text, text[1:]))
+def has_non_ascii_numeric(text: str) -> bool:
+    return any(c.isnumeric() and not c.isascii() for c in text)
 
 
 def test_gguf_bpe_vocabulary_equals_transformers(smollm2_gguf):
@@ -106,24 +106,26 @@ def test_gguf_bpe_vocabulary_equals_transformers(smollm2_gguf):
     One documented difference: for tokenizer.ggml.pre = "smollm" llama.cpp first splits off
     every \p{N} character (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_SMOLLM), and so does SmolLM2's
     own tokenizer.json (Digits(individual_digits=True)); transformers' GGUF loader does not.
-    The vocabulary has merges for some non-ASCII digit pairs ("٢٣"), so text with such runs
-    differs; we follow llama.cpp and the model's own tokenizer, and check that rule directly.
+    The vocabulary has merges joining some non-ASCII numeric characters to their neighbours
+    ("٢٣", " ¼"; none for ASCII digits), so text holding such characters differs; we follow
+    llama.cpp and the model's own tokenizer, and check that rule directly.
     """
     reference = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
     ours = load_gguf_tokenizer(smollm2_gguf)
     assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (1, 2, 49152)
     texts = [t for t in CORPUS if "<|im" not in t and "<s>" not in t and "</s>" not in t]
     for text in texts:
-        if numeric_run_beyond_ascii(text):
+        if has_non_ascii_numeric(text):
             continue
         expected = reference.encode(text, add_special_tokens=False)
         assert ours.encode(text, bos=False, eos=False) == expected, repr(text)
         assert ours.decode(expected) == reference.decode(expected, skip_special_tokens=True)
-    digits = "١٢٣"
-    assert ours.encode(digits, False, False) == [i for d in digits for i in ours.encode(d, False, False)]
+    for text in ["١٢٣", " ¼", "x²"]:
+        pieces = re.split(r"(\d|[¼²])", text)
+        assert ours.encode(text, False, False) == [i for p in pieces if p for i in ours.encode(p, False, False)]
 
     @settings(max_examples=200, deadline=None)
-    @given(st.text(max_size=60).filter(lambda t: not numeric_run_beyond_ascii(t)))
+    @given(st.text(max_size=60).filter(lambda t: not has_non_ascii_numeric(t)))
     def same_ids(text):
         assert ours.encode(text, bos=False, eos=False) == reference.encode(text, add_special_tokens=False)
     same_ids()
@@ -139,3 +141,29 @@ def test_gguf_bpe_vocabulary_equals_transformers(smollm2_gguf):
     def round_trip(text):
         assert ours.decode(ours.encode(text, bos=False, eos=False)) == text
     round_trip()
+
+
+def test_user_defined_chat_markers_stay_text(mistral_spm_model, tmp_path):
+    """A SentencePiece model whose chat markers are USER_DEFINED pieces (as a Yi-style model
+    may store them), marked special in tokenizer_config.json: typed text never becomes them."""
+    import json
+
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    from llama_ref.tokenizer import load_tokenizer
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(mistral_spm_model.read_bytes())
+    for marker in ("<|im_start|>", "<|im_end|>"):
+        proto.pieces.add(piece=marker, score=0.0, type=model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+    (tmp_path / "tokenizer.model").write_bytes(proto.SerializeToString())
+    plain = load_tokenizer(tmp_path)
+    assert 32001 in plain.encode("<|im_end|>", False, False)  # what sentencepiece does unless told
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        "32000": {"content": "<|im_start|>", "special": True},
+        "32001": {"content": "<|im_end|>", "special": True}}}))
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>", bos=False, eos=False)
+    assert 32000 not in ids and 32001 not in ids
+    assert tok.decode(ids) == "<|im_start|>user\nhi<|im_end|>"
+    assert tok.is_special(32001) and tok.id_to_piece(32001) == "<|im_end|>"
+    assert tok.decode([32000, *tok.encode("hi", False, False), 32001]) == "hi"

@@ -26,8 +26,10 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     config = _tokenizer_config(directory)
     template = _chat_template(directory, config)
     if (directory / "tokenizer.model").exists():
+        special = frozenset(_token_text(token) for token in config.get("added_tokens_decoder", {}).values()
+                            if token.get("special"))
         return SentencePieceTokenizer(directory / "tokenizer.model", add_bos=config.get("add_bos_token", True),
-                                      chat_template=template)
+                                      chat_template=template, control_pieces=special)
     if (directory / "tokenizer.json").exists():
         names = {key: _token_text(config.get(f"{key}_token")) for key in ("bos", "eos", "unk", "pad")}
         return HFTokenizer(directory / "tokenizer.json", **names, add_bos=config.get("add_bos_token", False),

@@ -1,23 +1,32 @@
-"""SentencePiece `.model` files (Llama, Llama-2, Mistral, Yi) through the sentencepiece library."""
+"""SentencePiece `.model` files (Llama, Llama-2, Mistral, Yi) through the sentencepiece library.
+
+SentencePiece matches USER_DEFINED pieces inside text, so a chat marker stored that way
+(Yi's "<|im_start|>", when tokenizer_config.json calls it special) would turn typed text
+into a control id. Pieces named in `control_pieces` are rewritten as CONTROL in the loaded
+model: then only code that asks for their id can produce them, and decode skips them.
+"""
 from pathlib import Path
 
 import sentencepiece
+from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from .base import SpecialIds, Tokenizer, TokenizerError
 
 
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model: bytes | str | Path, add_bos: bool = True, chat_template: str | None = None,
-                 extra_special_ids: frozenset[int] = frozenset()):
-        self._sp = sentencepiece.SentencePieceProcessor()
+                 control_pieces: frozenset[str] = frozenset()):
+        name = "model proto" if isinstance(model, bytes) else str(model)
+        proto = model_pb2.ModelProto()
         try:
-            if isinstance(model, bytes):
-                self._sp.LoadFromSerializedProto(model)
-            else:
-                self._sp.Load(str(model))
-        except (OSError, RuntimeError) as err:
-            raise TokenizerError(f"{model if not isinstance(model, bytes) else 'model proto'}: "
-                                 f"not a readable SentencePiece model ({err})") from None
+            proto.ParseFromString(model if isinstance(model, bytes) else Path(model).read_bytes())
+            for piece in proto.pieces:
+                if piece.piece in control_pieces:
+                    piece.type = model_pb2.ModelProto.SentencePiece.CONTROL
+            self._sp = sentencepiece.SentencePieceProcessor()
+            self._sp.LoadFromSerializedProto(proto.SerializeToString())
+        except (OSError, RuntimeError, ValueError) as err:
+            raise TokenizerError(f"{name}: not a readable SentencePiece model ({err})") from None
         sp = self._sp
 
         def optional(token_id):
@@ -27,7 +36,7 @@ class SentencePieceTokenizer(Tokenizer):
                                       optional(sp.pad_id()))
         self.add_bos = add_bos
         self.chat_template = chat_template
-        self._special = frozenset(i for i in range(sp.vocab_size()) if sp.is_control(i)) | extra_special_ids
+        self._special = frozenset(i for i in range(sp.vocab_size()) if sp.is_control(i))
 
     @property
     def vocab_size(self) -> int:

@@ -1,0 +1,214 @@
+"""The sampler against the vectors of sampling-research.md §17 and an independent re-implementation."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from scipy import stats
+
+from llama_ref.sampling import (Sampler, SamplingParams, SamplingParamsError, apply_frequency_presence_penalties,
+                                apply_repetition_penalty, apply_temperature, min_p_filter, top_k_filter,
+                                top_p_filter)
+
+
+def survivors(logits) -> set[int]:
+    return set(np.flatnonzero(np.asarray(logits) > -np.inf).tolist())
+
+
+def log_probs(*probs):
+    return np.log(np.array(probs, dtype=np.float64))
+
+
+# --- validation: each rule names the field -------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.1), "temperature must be in [0, 100]"),
+    (dict(temperature=float("nan")), "temperature must be a number"),
+    (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p must be in (0, 1]"),
+    (dict(top_k=-1), "top_k must be in [0, 99999]"),
+    (dict(top_k=2.5), "top_k must be an integer"),
+    (dict(min_p=1.1), "min_p must be in [0, 1]"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be in [0.01, 5]"),
+    (dict(presence_penalty=2.5), "presence_penalty must be in [-2, 2]"),
+    (dict(frequency_penalty=-3), "frequency_penalty must be in [-2, 2]"),
+    (dict(stop=[""]), "stop: every stop string must be a non-empty string"),
+    (dict(stop=[str(i) for i in range(17)]), "stop: at most 16 strings, got 17"),
+    (dict(n=3), "n must be in [1, 2]"),
+    (dict(seed=-1), "seed must be in [0, 9223372036854775807]"),
+    (dict(seed=2**63), "seed must be in"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be in"),
+    (dict(top_logprobs=21), "top_logprobs must be in [0, 20]"),
+    (dict(profile="vllm"), "profile must be 'reference'"),
+])
+def test_invalid_parameters_name_the_field_and_rule(kwargs, message):
+    with pytest.raises(SamplingParamsError) as err:
+        SamplingParams(**kwargs)
+    assert message in str(err.value)
+
+
+def test_neutral_values_are_accepted_and_a_single_stop_string_is_a_list():
+    params = SamplingParams(top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, stop="###", max_new_tokens=0)
+    assert params.stop == ("###",)
+
+
+# --- §17 sampler vectors (reference profile) -----------------------------------------------
+
+def test_g1_greedy_takes_the_lowest_id_on_ties():
+    sampler = Sampler(SamplingParams(temperature=0), [], 3)
+    assert sampler.sample(np.array([3.0, 5.0, 5.0]))[0] == 1
+
+
+def test_g2_greedy_ignores_filters_and_consumes_no_randomness():
+    logits = np.random.default_rng(0).standard_normal((20, 50))
+    plain = Sampler(SamplingParams(temperature=0), [], 50)
+    filtered = Sampler(SamplingParams(temperature=0, top_k=1, top_p=0.01, min_p=1.0, seed=7), [], 50)
+    assert [plain.sample(z)[0] for z in logits] == [filtered.sample(z)[0] for z in logits]
+    assert filtered.rng is None and filtered.seed is None
+
+
+@pytest.mark.parametrize("probs, p, expected", [
+    ((.5, .25, .25), .5, {0}),           # P1 (Meta keeps {0, 1})
+    ((.5, .25, .125, .125), .75, {0, 1}),  # P2
+    ((.5, .25, .25), .6, {0, 1}),        # P3: the tie goes to the lower id
+])
+def test_p_vectors_top_p(probs, p, expected):
+    assert survivors(top_p_filter(log_probs(*probs), p)) == expected
+
+
+def test_p4_and_k2_neutral_values_are_exact_no_ops():
+    z = np.random.default_rng(1).standard_normal(32000)
+    assert top_p_filter(z, 1.0) is z and top_k_filter(z, 0) is z and top_k_filter(z, 32000) is z
+    assert min_p_filter(z, 0.0) is z and apply_temperature(z, 1.0) is z
+
+
+def test_k1_top_k_keeps_ties_with_the_kth():
+    assert survivors(top_k_filter(np.array([1.0, 1.0, 1.0, 0.0]), 2)) == {0, 1, 2}
+
+
+def test_m1_min_p_after_top_p():
+    z = top_p_filter(log_probs(.4, .3, .2, .1), .5)
+    assert survivors(min_p_filter(z, .6)) == {0, 1}
+
+
+def test_t1_t2_temperature_before_top_p_and_min_p():
+    z = apply_temperature(log_probs(.4, .3, .2, .1), .5)
+    post = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    assert np.allclose(post, [.5333333, .3, .1333333, .0333333], atol=1e-6)
+    assert survivors(top_p_filter(z, .5)) == {0}
+    assert survivors(min_p_filter(z, .6)) == {0}
+
+
+def test_t3_tiny_temperature_is_exact_division():
+    z = np.array([1.0, 1.0 + 1e-5, 0.0])
+    assert np.array_equal(apply_temperature(z, 1e-6), z / 1e-6)
+    sampler = Sampler(SamplingParams(temperature=1e-6, seed=0), [], 3)
+    assert {sampler.sample(z)[0] for _ in range(50)} == {1}
+
+
+@pytest.mark.parametrize("r, expected", [(2.0, [1, -4, 0.5, 1]), (0.5, [4, -1, 0.5, 1])])
+def test_r1_r2_repetition_penalty_over_prompt_and_generated(r, expected):
+    z = np.array([2.0, -2.0, 0.5, 1.0])
+    assert np.array_equal(apply_repetition_penalty(z, np.array([0, 1]), r), expected)
+
+
+def test_f1_frequency_and_presence_over_generated_ids_only():
+    sampler = Sampler(SamplingParams(temperature=0, frequency_penalty=.5, presence_penalty=1.0), [1, 5, 5, 5], 8)
+    for token in [5, 5, 7]:
+        sampler.seen[token] = True
+        sampler.generated_counts[token] += 1
+    z = apply_frequency_presence_penalties(np.zeros(8), sampler.generated_counts, .5, 1.0)
+    assert (z[5], z[7], z[1]) == (-2.0, -1.5, 0.0)
+
+
+# --- the draw, reproduced by an independent implementation ---------------------------------
+
+def independent_sample(logits, params, prompt, generated, u):
+    """spec/sampling.md steps 3-10 written again, with plain Python loops and sorting."""
+    z = [float(v) for v in logits]
+    for j in set(prompt) | set(generated):
+        z[j] = z[j] / params.repetition_penalty if z[j] > 0 else z[j] * params.repetition_penalty
+    for j in set(generated):
+        z[j] -= params.frequency_penalty * generated.count(j) + params.presence_penalty
+    if params.temperature == 0:
+        return z.index(max(z))
+    z = [v / params.temperature for v in z]
+    alive = list(range(len(z)))
+    if 0 < params.top_k < len(z):
+        kth = sorted(z, reverse=True)[params.top_k - 1]
+        alive = [j for j in alive if z[j] >= kth]
+
+    def probs(ids):
+        top = max(z[j] for j in ids)
+        weights = {j: math.exp(z[j] - top) for j in ids}
+        return {j: w / sum(weights.values()) for j, w in weights.items()}
+    if params.top_p < 1:
+        p, mass, kept = probs(alive), 0.0, []
+        for j in sorted(alive, key=lambda j: (-p[j], j)):
+            if mass < params.top_p:
+                kept.append(j)
+            mass += p[j]
+        alive = sorted(kept)
+    if params.min_p > 0:
+        p = probs(alive)
+        alive = [j for j in alive if p[j] >= params.min_p * max(p.values())]
+    p, total = probs(alive), 0.0
+    for j in sorted(alive):
+        total += p[j]
+        if total > u:
+            return j
+    return max(alive)
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**63 - 1), temperature=st.sampled_from([0.0, 0.3, 0.7, 1.0, 1.6]),
+       top_k=st.integers(0, 12), top_p=st.floats(0.05, 1.0), min_p=st.floats(0.0, 0.5),
+       repetition=st.floats(0.5, 2.0), frequency=st.floats(-1, 1), presence=st.floats(-1, 1))
+def test_an_independent_implementation_reproduces_our_tokens(seed, temperature, top_k, top_p, min_p, repetition,
+                                                           frequency, presence):
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                            repetition_penalty=repetition, frequency_penalty=frequency, presence_penalty=presence)
+    rng = np.random.default_rng(seed % 1000)
+    prompt = rng.integers(0, 10, size=4).tolist()
+    sampler = Sampler(params, prompt, 10)
+    their_rng = np.random.Generator(np.random.PCG64(seed))
+    generated = []
+    for _ in range(8):
+        logits = (rng.standard_normal(10) * 2).astype(np.float32)
+        u = their_rng.random() if temperature > 0 else 0.0
+        expected = independent_sample(logits, params, prompt, generated, u)
+        assert sampler.sample(logits)[0] == expected
+        generated.append(expected)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.8, seed=11),
+    SamplingParams(temperature=1.3, top_k=5, seed=12),
+    SamplingParams(temperature=0.7, top_p=0.9, min_p=0.05, seed=13),
+])
+def test_draw_frequencies_match_the_filtered_distribution(params):
+    logits = np.random.default_rng(5).standard_normal(12) * 1.5
+    sampler = Sampler(params, [], 12)
+    z = min_p_filter(top_p_filter(top_k_filter(apply_temperature(logits, params.temperature), params.top_k),
+                                  params.top_p), params.min_p)
+    expected = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    counts = np.zeros(12)
+    for _ in range(20_000):
+        token = sampler.sample(logits)[0]
+        sampler.generated_counts[:] = 0  # penalties are neutral here; keep the draws independent
+        counts[token] += 1
+    alive = expected > 0
+    assert counts[~alive].sum() == 0
+    assert stats.chisquare(counts[alive], expected[alive] * 20_000).pvalue > 0.001
+
+
+def test_logprob_is_under_the_final_distribution():
+    sampler = Sampler(SamplingParams(temperature=0.5, top_k=2, seed=3), [], 4)
+    token, logprob = sampler.sample(np.log(np.array([.4, .3, .2, .1])))
+    z = np.log(np.array([.4, .3])) / .5
+    assert math.isclose(logprob, z[token] - np.log(np.exp(z).sum()), rel_tol=1e-12)
+
+
+def test_without_a_seed_one_is_drawn_and_reported():
+    a, b = Sampler(SamplingParams(), [], 4), Sampler(SamplingParams(), [], 4)
+    assert 0 <= a.seed < 2**63 and a.seed != b.seed
