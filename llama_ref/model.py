@@ -89,7 +89,8 @@ def causal_mask(n: int, start_pos: int) -> np.ndarray:
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
-    """Along the last axis, max-subtracted so that no exp overflows."""
+    """Along the last axis, in the input's dtype, max-subtracted so that no exp overflows;
+    -inf entries get probability exactly 0."""
     e = np.exp(scores - scores.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import LlamaRefError
+from .model import softmax
 
 MAX_STOP_STRINGS = 16
 
@@ -179,12 +180,6 @@ def draw(logits: np.ndarray, u: float) -> int:
     if chosen >= logits.size or logits[chosen] == -np.inf:
         chosen = int(np.flatnonzero(logits > -np.inf)[-1])
     return chosen
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """float64 probabilities; -inf logits get exactly 0."""
-    e = np.exp(logits - logits.max())
-    return e / e.sum()
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
