@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .tokenizer import load_tokenizer
+from .tokenizer import has_tokenizer, load_tokenizer
 from .linear import DenseLinear
 from .model import Layer, Model, Weights
 from .weights import StoredTensor, read_checkpoint
@@ -102,8 +102,7 @@ def load_model(path: str | Path) -> Model:
     config = ModelConfig.from_json_file(directory / "config.json")
     tensors = read_checkpoint(directory)
     check_tensors(tensors, config, str(directory))
-    has_tokenizer = (directory / "tokenizer.model").exists() or (directory / "tokenizer.json").exists()
-    tokenizer = load_tokenizer(directory) if has_tokenizer else None
+    tokenizer = load_tokenizer(directory) if has_tokenizer(directory) else None
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"{directory}: the tokenizer has {tokenizer.vocab_size} ids but the model's "
                               f"vocab_size is {config.vocab_size}")

@@ -11,14 +11,20 @@ special tokens, `add_bos_token` and the chat template (or `chat_template.jinja` 
 import json
 from pathlib import Path
 
-from .base import SpecialIds, Tokenizer, TokenizerError
+from .base import Tokenizer, TokenizerError
 from .detokenizer import IncrementalDetokenizer
 from .gguf_vocab import byte_level_bpe, read_gguf_vocab, sentencepiece_model
 from .hf import HFTokenizer
 from .spm import SentencePieceTokenizer
 
-__all__ = ["HFTokenizer", "IncrementalDetokenizer", "SentencePieceTokenizer", "SpecialIds", "Tokenizer",
-           "TokenizerError", "load_gguf_tokenizer", "load_tokenizer"]
+__all__ = ["HFTokenizer", "IncrementalDetokenizer", "SentencePieceTokenizer", "Tokenizer", "TokenizerError",
+           "has_tokenizer", "load_gguf_tokenizer", "load_tokenizer"]
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # in the order they are preferred
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    return any((Path(directory) / name).exists() for name in TOKENIZER_FILES)
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
@@ -34,7 +40,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         names = {key: _token_text(config.get(f"{key}_token")) for key in ("bos", "eos", "unk", "pad")}
         return HFTokenizer(directory / "tokenizer.json", **names, add_bos=config.get("add_bos_token", False),
                            chat_template=template)
-    raise TokenizerError(f"{directory}: no tokenizer.model or tokenizer.json")
+    raise TokenizerError(f"{directory}: no {' or '.join(TOKENIZER_FILES)}")
 
 
 def load_gguf_tokenizer(path: str | Path) -> Tokenizer:

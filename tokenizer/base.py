@@ -10,7 +10,6 @@ Rules shared by all backends:
   incremental detokenizer relies on this).
 """
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 from ..errors import LlamaRefError
 
@@ -19,36 +18,16 @@ class TokenizerError(LlamaRefError, ValueError):
     """A tokenizer file is missing, unreadable or of an unsupported kind."""
 
 
-@dataclass(frozen=True)
-class SpecialIds:
-    bos: int | None
-    eos: int | None
-    unk: int | None
-    pad: int | None
-
-
 class Tokenizer(ABC):
-    """Backends set `special_ids`, `add_bos` (whether the model expects BOS before raw text),
-    `chat_template` (Jinja source or None) and implement the methods below."""
-    special_ids: SpecialIds
+    """Backends set the special ids (None when the vocabulary has no such token), `add_bos`
+    (whether the model expects BOS before raw text), `chat_template` (Jinja source or None)
+    and implement the methods below."""
+    bos_id: int | None
+    eos_id: int | None
+    unk_id: int | None
+    pad_id: int | None
     add_bos: bool
     chat_template: str | None
-
-    @property
-    def bos_id(self) -> int | None:
-        return self.special_ids.bos
-
-    @property
-    def eos_id(self) -> int | None:
-        return self.special_ids.eos
-
-    @property
-    def unk_id(self) -> int | None:
-        return self.special_ids.unk
-
-    @property
-    def pad_id(self) -> int | None:
-        return self.special_ids.pad
 
     @property
     @abstractmethod

@@ -34,8 +34,7 @@ class IncrementalDetokenizer:
         if self.tokenizer.is_special(token_id):
             return ""
         self.ids.append(int(token_id))
-        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        new_text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        prefix_text, new_text = self._texts()
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return ""
         # Drop ids before the new prefix: the window never grows past a few tokens.
@@ -45,7 +44,11 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Text still held back at the end of generation (U+FFFD per dangling byte)."""
-        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        new_text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        prefix_text, new_text = self._texts()
         self.read_offset = len(self.ids)
         return new_text[len(prefix_text):]
+
+    def _texts(self) -> tuple[str, str]:
+        """decode(ids[prefix_offset:read_offset]) and decode(ids[prefix_offset:])"""
+        return (self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset]),
+                self.tokenizer.decode(self.ids[self.prefix_offset:]))

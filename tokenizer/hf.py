@@ -3,7 +3,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizerObject
 
-from .base import SpecialIds, Tokenizer, TokenizerError
+from .base import Tokenizer, TokenizerError
 
 
 class HFTokenizer(Tokenizer):
@@ -18,7 +18,8 @@ class HFTokenizer(Tokenizer):
         # Special added tokens typed inside text stay text: control ids only come by id.
         tokenizer.encode_special_tokens = True
         self._tok = tokenizer
-        self.special_ids = SpecialIds(*(None if t is None else tokenizer.token_to_id(t) for t in (bos, eos, unk, pad)))
+        self.bos_id, self.eos_id, self.unk_id, self.pad_id = (
+            None if t is None else tokenizer.token_to_id(t) for t in (bos, eos, unk, pad))
         self.add_bos = add_bos
         self.chat_template = chat_template
         self._special = frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)

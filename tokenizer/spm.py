@@ -10,7 +10,7 @@ from pathlib import Path
 import sentencepiece
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-from .base import SpecialIds, Tokenizer, TokenizerError
+from .base import Tokenizer, TokenizerError
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -32,8 +32,8 @@ class SentencePieceTokenizer(Tokenizer):
         def optional(token_id):
             return token_id if token_id >= 0 else None
 
-        self.special_ids = SpecialIds(optional(sp.bos_id()), optional(sp.eos_id()), optional(sp.unk_id()),
-                                      optional(sp.pad_id()))
+        self.bos_id, self.eos_id = optional(sp.bos_id()), optional(sp.eos_id())
+        self.unk_id, self.pad_id = optional(sp.unk_id()), optional(sp.pad_id())
         self.add_bos = add_bos
         self.chat_template = chat_template
         self._special = frozenset(i for i in range(sp.vocab_size()) if sp.is_control(i))
