@@ -13,7 +13,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from .config import ModelConfig
-from .errors import ContextLengthError
+from .errors import ContextLengthError, LlamaRefError
 from .linear import DenseLinear
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 from .kernels import widen_numpy
@@ -62,6 +62,15 @@ class KVCache:
         self.k[layer, :, start_pos:end] = k.transpose(1, 0, 2)
         self.v[layer, :, start_pos:end] = v.transpose(1, 0, 2)
         return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def copy(self) -> "KVCache":
+        """A second cache holding the same positions (n = 2 choices share the prompt's prefill)."""
+        twin = KVCache.__new__(KVCache)
+        twin.k, twin.v = np.zeros(self.k.shape, np.float32), np.zeros(self.v.shape, np.float32)
+        twin.k[:, :, :self.length] = self.k[:, :, :self.length]
+        twin.v[:, :, :self.length] = self.v[:, :, :self.length]
+        twin.max_seq_len, twin.length = self.max_seq_len, self.length
+        return twin
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -117,25 +126,31 @@ def embed(tokens: np.ndarray, table: StoredTensor) -> np.ndarray:
 
 
 def forward(config: ModelConfig, weights: Weights, tokens: np.ndarray, start_pos: int,
-            cache: KVCache) -> np.ndarray:
-    """Logits for a chunk of tokens at positions start_pos .. start_pos + n - 1, reading and
-    extending the cache.  Returns (n, vocab_size) float32."""
-    n = len(tokens)
+            caches: list[KVCache]) -> np.ndarray:
+    """Logits for a batch of sequences, each a chunk of n tokens at positions start_pos ..
+    start_pos + n - 1, reading and extending its own cache.  The matrix products see all
+    b * n rows at once, so a batch reads each weight once.  tokens (b, n) int.
+    Returns (b, n, vocab_size) float32."""
+    b, n = tokens.shape
     end = start_pos + n
-    check_positions(config, cache, n, start_pos)
+    for cache in caches:
+        check_positions(config, cache, n, start_pos)
     n_heads, n_kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     cos, sin = rope_cos_sin(np.arange(start_pos, end), rope_inv_freq(config, seq_len=end))  # (n, d)
-    x = embed(tokens, weights.tok_embeddings)                           # (n, hidden)
+    x = embed(tokens.reshape(-1), weights.tok_embeddings)               # (b * n, hidden)
     for i, layer in enumerate(weights.layers):
-        h = rms_norm(x, layer.attention_norm, config.rms_norm_eps)     # (n, hidden)
-        q = apply_rope(layer.wq(h).reshape(n, n_heads, d), cos, sin)   # (n, n_heads, d)
-        k = apply_rope(layer.wk(h).reshape(n, n_kv_heads, d), cos, sin)  # (n, n_kv_heads, d)
-        v = layer.wv(h).reshape(n, n_kv_heads, d)                       # (n, n_kv_heads, d)
-        keys, values = cache.update(i, start_pos, k, v)                 # (n_kv_heads, end, d)
-        x = x + layer.wo(attention(q, keys, values, start_pos))
+        h = rms_norm(x, layer.attention_norm, config.rms_norm_eps)     # (b * n, hidden)
+        q = apply_rope(layer.wq(h).reshape(b, n, n_heads, d), cos, sin)  # (b, n, n_heads, d)
+        k = apply_rope(layer.wk(h).reshape(b, n, n_kv_heads, d), cos, sin)  # (b, n, n_kv_heads, d)
+        v = layer.wv(h).reshape(b, n, n_kv_heads, d)                    # (b, n, n_kv_heads, d)
+        out = [attention(q[j], *caches[j].update(i, start_pos, k[j], v[j]), start_pos)
+               for j in range(b)]                                       # b x (n, n_heads * d)
+        x = x + layer.wo(np.concatenate(out))
         x = x + feed_forward(rms_norm(x, layer.ffn_norm, config.rms_norm_eps), layer)
-    cache.length = end
-    return weights.output(rms_norm(x, weights.norm, config.rms_norm_eps))  # (n, vocab)
+    for cache in caches:
+        cache.length = end
+    logits = weights.output(rms_norm(x, weights.norm, config.rms_norm_eps))  # (b * n, vocab)
+    return logits.reshape(b, n, -1)
 
 
 def check_positions(config: ModelConfig, cache: KVCache, n: int, start_pos: int) -> None:
@@ -168,9 +183,30 @@ class Model:
             raise ContextLengthError(f"max_seq_len={max_seq_len}: must be in 1..{limit} (the model's context)")
         return KVCache(self.config, max_seq_len or limit)
 
+    def generate(self, prompt, params=None, trace: bool = False):
+        """Sample a response: iterate the returned Generation for one event per token, or
+        call its result() for the whole completion.  prompt: raw text (BOS added when the
+        tokenizer asks for it) or token ids, used as they are.  trace=True attaches the
+        sampler's audit trace to every event."""
+        from .generation import Generation
+        from .sampling import SamplingParams
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise LlamaRefError("prompt: this model has no tokenizer; pass token ids")
+            prompt = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
+        return Generation(self, prompt, params or SamplingParams(), trace)
+
     def forward(self, tokens, start_pos: int, cache: KVCache) -> np.ndarray:
         """Logits (len(tokens), vocab_size) float32 for tokens at positions start_pos.. ."""
-        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        return self.forward_batch(np.asarray(tokens, dtype=np.int64).reshape(1, -1), start_pos, [cache])[0]
+
+    def forward_batch(self, tokens, start_pos: int, caches: list[KVCache]) -> np.ndarray:
+        """Logits (b, n, vocab_size) float32 for b sequences of n tokens each, all at positions
+        start_pos.., one cache per sequence (n = 2 choices decoding side by side)."""
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.ndim != 2 or len(caches) != ids.shape[0]:
+            raise ValueError(f"tokens: expected (batch, n) ids and one cache per row, got shape {ids.shape} "
+                             f"and {len(caches)} caches")
         bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
         if bad.size:
             raise ValueError(f"tokens: id {int(bad[0])} is outside the vocabulary 0..{self.config.vocab_size - 1}")
@@ -178,4 +214,4 @@ class Model:
         # each call, would fight them for the same cores (measured: prefill 10x slower), so
         # BLAS runs single-threaded inside the forward pass.
         with self._threadpools.limit(limits=1, user_api="blas"):
-            return forward(self.config, self.weights, ids, start_pos, cache)
+            return forward(self.config, self.weights, ids, start_pos, caches)

@@ -18,7 +18,7 @@ def test_generate_prints_transformers_greedy_tokens(checkpoint):
                      "--max-new-tokens", "12")
     assert result.returncode == 0, result.stderr
     expected = load_reference(directory).generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):]
+                                                  eos_token_id=2, pad_token_id=0)[0, len(prompt):]
     assert [int(t) for t in result.stdout.split()] == expected.tolist()
 
 
@@ -47,6 +47,18 @@ def test_generate_text_with_the_model_tokenizer(tmp_path, mistral_spm_model):
                      "--max-new-tokens", "10")
     assert result.returncode == 0, result.stderr
     assert result.stdout == tokenizer.decode(prompt + expected_ids)[len(tokenizer.decode(prompt)):] + "\n"
+
+
+def test_sampling_flags_are_validated_before_the_model_loads(tmp_path):
+    result = run_cli("generate", "--model", str(tmp_path / "missing"), "--prompt-ids", "1", "--top-p", "0")
+    assert result.returncode == 2 and "top_p must be in (0, 1]" in result.stderr
+
+
+def test_seeded_sampling_is_reproducible_and_reports_its_seed(checkpoint):
+    args = ("generate", "--model", str(checkpoint("gqa")), "--prompt-ids", "1 5 9", "--temperature", "0.9",
+            "--seed", "3", "--max-new-tokens", "8")
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.returncode == 0 and first.stdout == second.stdout and "seed: 3]" in first.stderr
 
 
 def test_text_prompt_needs_a_tokenizer(checkpoint):

@@ -87,5 +87,21 @@ def test_rope_scaling_changes_the_logits(checkpoint, prompt):
     for name in ["rope_linear", "rope_dynamic", "rope_llama3"]:
         model = llama_ref.load_model(checkpoint(name))
         unscaled = replace(model.config, rope_scaling=None, max_position_embeddings=256)
-        ours = forward(unscaled, model.weights, prompt, 0, model.new_cache())
+        ours = forward(unscaled, model.weights, np.asarray(prompt)[None], 0, [model.new_cache()])[0]
         assert relative_error(ours, reference_logits(checkpoint(name), prompt)) > 1e-3, name
+
+
+def test_batch_of_two_equals_two_separate_sequences(checkpoint):
+    """n = 2 decodes both choices in one batch after one shared prefill (KVCache.copy)."""
+    model = llama_ref.load_model(checkpoint("gqa"))
+    prompt = [3, 17, 5, 99, 42]
+    shared = model.new_cache(16)
+    model.forward(prompt, 0, shared)
+    caches = [shared, shared.copy()]
+    steps = [(7, 8), (11, 2), (30, 30)]
+    batched = [model.forward_batch([[a], [b]], len(prompt) + t, caches)[:, 0] for t, (a, b) in enumerate(steps)]
+    for row in range(2):
+        cache = model.new_cache(16)
+        model.forward(prompt, 0, cache)
+        alone = [model.forward([pair[row]], len(prompt) + t, cache)[0] for t, pair in enumerate(steps)]
+        assert relative_error(np.stack([b[row] for b in batched]), np.stack(alone)) <= 1e-5

@@ -1,13 +1,16 @@
 """The sampler against the vectors of sampling-research.md §17 and an independent re-implementation."""
 import math
+from dataclasses import astuple
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from scipy import stats
+import torch
+from transformers.generation.logits_process import TopPLogitsWarper
 
 from llama_ref.sampling import (Sampler, SamplingParams, SamplingParamsError, apply_frequency_presence_penalties,
-                                apply_repetition_penalty, apply_temperature, min_p_filter, top_k_filter,
+                                apply_repetition_penalty, apply_temperature, min_p_filter, pipeline, top_k_filter,
                                 top_p_filter)
 
 
@@ -39,7 +42,9 @@ def log_probs(*probs):
     (dict(seed=2**63), "seed must be in"),
     (dict(max_new_tokens=-1), "max_new_tokens must be in"),
     (dict(top_logprobs=21), "top_logprobs must be in [0, 20]"),
-    (dict(profile="vllm"), "profile must be 'reference'"),
+    (dict(profile="tgi"), "profile must be one of reference, hf, vllm, llama.cpp; got 'tgi'"),
+    (dict(profile="hf", presence_penalty=0.5), "the hf profile must leave them at 0"),
+    (dict(profile="vllm", temperature=0, n=2), "n: the vllm profile rejects n > 1 with temperature 0"),
 ])
 def test_invalid_parameters_name_the_field_and_rule(kwargs, message):
     with pytest.raises(SamplingParamsError) as err:
@@ -56,14 +61,14 @@ def test_neutral_values_are_accepted_and_a_single_stop_string_is_a_list():
 
 def test_g1_greedy_takes_the_lowest_id_on_ties():
     sampler = Sampler(SamplingParams(temperature=0), [], 3)
-    assert sampler.sample(np.array([3.0, 5.0, 5.0]))[0] == 1
+    assert sampler.sample(np.array([3.0, 5.0, 5.0])).token_id == 1
 
 
 def test_g2_greedy_ignores_filters_and_consumes_no_randomness():
     logits = np.random.default_rng(0).standard_normal((20, 50))
     plain = Sampler(SamplingParams(temperature=0), [], 50)
     filtered = Sampler(SamplingParams(temperature=0, top_k=1, top_p=0.01, min_p=1.0, seed=7), [], 50)
-    assert [plain.sample(z)[0] for z in logits] == [filtered.sample(z)[0] for z in logits]
+    assert [plain.sample(z).token_id for z in logits] == [filtered.sample(z).token_id for z in logits]
     assert filtered.rng is None and filtered.seed is None
 
 
@@ -103,7 +108,7 @@ def test_t3_tiny_temperature_is_exact_division():
     z = np.array([1.0, 1.0 + 1e-5, 0.0])
     assert np.array_equal(apply_temperature(z, 1e-6), z / 1e-6)
     sampler = Sampler(SamplingParams(temperature=1e-6, seed=0), [], 3)
-    assert {sampler.sample(z)[0] for _ in range(50)} == {1}
+    assert {sampler.sample(z).token_id for _ in range(50)} == {1}
 
 
 @pytest.mark.parametrize("r, expected", [(2.0, [1, -4, 0.5, 1]), (0.5, [4, -1, 0.5, 1])])
@@ -115,8 +120,7 @@ def test_r1_r2_repetition_penalty_over_prompt_and_generated(r, expected):
 def test_f1_frequency_and_presence_over_generated_ids_only():
     sampler = Sampler(SamplingParams(temperature=0, frequency_penalty=.5, presence_penalty=1.0), [1, 5, 5, 5], 8)
     for token in [5, 5, 7]:
-        sampler.seen[token] = True
-        sampler.generated_counts[token] += 1
+        sampler.accept(token)
     z = apply_frequency_presence_penalties(np.zeros(8), sampler.generated_counts, .5, 1.0)
     assert (z[5], z[7], z[1]) == (-2.0, -1.5, 0.0)
 
@@ -177,7 +181,7 @@ def test_an_independent_implementation_reproduces_our_tokens(seed, temperature, 
         logits = (rng.standard_normal(10) * 2).astype(np.float32)
         u = their_rng.random() if temperature > 0 else 0.0
         expected = independent_sample(logits, params, prompt, generated, u)
-        assert sampler.sample(logits)[0] == expected
+        assert sampler.sample(logits).token_id == expected
         generated.append(expected)
 
 
@@ -194,7 +198,7 @@ def test_draw_frequencies_match_the_filtered_distribution(params):
     expected = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
     counts = np.zeros(12)
     for _ in range(20_000):
-        token = sampler.sample(logits)[0]
+        token = sampler.sample(logits).token_id
         sampler.generated_counts[:] = 0  # penalties are neutral here; keep the draws independent
         counts[token] += 1
     alive = expected > 0
@@ -204,7 +208,7 @@ def test_draw_frequencies_match_the_filtered_distribution(params):
 
 def test_logprob_is_under_the_final_distribution():
     sampler = Sampler(SamplingParams(temperature=0.5, top_k=2, seed=3), [], 4)
-    token, logprob = sampler.sample(np.log(np.array([.4, .3, .2, .1])))
+    token, logprob = astuple(sampler.sample(np.log(np.array([.4, .3, .2, .1]))))[:2]
     z = np.log(np.array([.4, .3])) / .5
     assert math.isclose(logprob, z[token] - np.log(np.exp(z).sum()), rel_tol=1e-12)
 
@@ -212,3 +216,92 @@ def test_logprob_is_under_the_final_distribution():
 def test_without_a_seed_one_is_drawn_and_reported():
     a, b = Sampler(SamplingParams(), [], 4), Sampler(SamplingParams(), [], 4)
     assert 0 <= a.seed < 2**63 and a.seed != b.seed
+
+
+# --- profiles: the §17 results the table lists for the other engines -----------------------
+
+def final_logits(params, logits, prompt=(), generated=()):
+    """Steps 3-9 of params.profile, run through the profile's own pipeline list."""
+    sampler = Sampler(params, prompt, len(logits))
+    for token in generated:
+        sampler.accept(token)
+    penalties, filters = pipeline(params, sampler)
+    z = np.asarray(logits, dtype=np.float64)
+    for _, stage in penalties + ([] if params.greedy else filters):
+        z = stage(z)
+    return z
+
+
+@pytest.mark.parametrize("profile, expected", [("reference", {0, 1}), ("hf", {0, 1}), ("vllm", {0}),
+                                               ("llama.cpp", {0, 1})])
+def test_m1_min_p_and_top_p_order_per_profile(profile, expected):
+    params = SamplingParams(min_p=.6, top_p=.5, profile=profile)
+    assert survivors(final_logits(params, log_probs(.4, .3, .2, .1))) == expected
+
+
+@pytest.mark.parametrize("profile, expected", [("reference", {0}), ("hf", {0}), ("vllm", {0}), ("llama.cpp", {0, 1})])
+@pytest.mark.parametrize("filters", [dict(top_p=.5), dict(min_p=.6)])  # T1, T2
+def test_t1_t2_temperature_position_per_profile(profile, expected, filters):
+    params = SamplingParams(temperature=.5, profile=profile, **filters)
+    assert survivors(final_logits(params, log_probs(.4, .3, .2, .1))) == expected
+
+
+@pytest.mark.parametrize("profile, expected", [("reference", {0, 1, 2}), ("hf", {0, 1, 2}), ("vllm", {0, 1, 2}),
+                                               ("llama.cpp", {0, 1})])
+def test_k1_top_k_ties_per_profile(profile, expected):
+    params = SamplingParams(top_k=2, profile=profile)
+    assert survivors(final_logits(params, [1.0, 1.0, 1.0, 0.0])) == expected
+
+
+@pytest.mark.parametrize("probs, p, expected", [((.5, .25, .25), .5, {0}), ((.5, .25, .125, .125), .75, {0, 1})])
+def test_p1_p2_top_p_boundary_llama_cpp(probs, p, expected):
+    assert survivors(final_logits(SamplingParams(top_p=p, profile="llama.cpp"), log_probs(*probs))) == expected
+
+
+@pytest.mark.parametrize("profile", ["hf", "vllm"])
+@pytest.mark.parametrize("probs, p, expected", [
+    ((.5, .25, .25), .5, {0}),
+    # P2 in float64: the cumulative sum of the two 0.125s rounds just above 1 - p = 0.25, so
+    # transformers' own warper keeps id 3 too ({0, 1} is its float32 result, §17's column).
+    ((.5, .25, .125, .125), .75, {0, 1, 3}),
+])
+def test_p1_p2_top_p_boundary_hf_vllm_as_transformers_float64(profile, probs, p, expected):
+    z = log_probs(*probs)
+    theirs = TopPLogitsWarper(p)(None, torch.tensor(z)[None])[0].numpy()
+    assert survivors(final_logits(SamplingParams(top_p=p, profile=profile), z)) == survivors(theirs) == expected
+
+
+def test_p3_ties_at_the_top_p_cut_go_to_the_higher_id_in_hf_and_vllm():
+    """Their ascending stable sort removes the lower of two tied ids first (reference keeps it)."""
+    for profile in ["hf", "vllm"]:
+        assert survivors(final_logits(SamplingParams(top_p=.6, profile=profile), log_probs(.5, .25, .25))) == {0, 2}
+
+
+@pytest.mark.parametrize("profile, expected", [
+    ("reference", {5: -2.0, 7: -1.5, 1: 0.0}), ("vllm", {5: -2.0, 7: -1.5, 1: 0.0}),
+    ("llama.cpp", {5: -3.5, 7: -1.5, 1: -1.5}),   # the 64-token window holds the prompt too
+])
+def test_f1_penalty_counts_per_profile(profile, expected):
+    params = SamplingParams(temperature=0, frequency_penalty=.5, presence_penalty=1.0, profile=profile)
+    z = final_logits(params, np.zeros(8), prompt=[1, 5, 5, 5], generated=[5, 5, 7])
+    assert {j: z[j] for j in expected} == expected
+
+
+def test_llama_cpp_penalties_see_only_the_last_64_tokens():
+    params = SamplingParams(temperature=0, repetition_penalty=2.0, profile="llama.cpp")
+    z = final_logits(params, np.full(8, 1.0), prompt=[3] + [6] * 70, generated=[7])
+    assert z.tolist() == [1, 1, 1, 1, 1, 1, .5, .5]   # id 3 fell out of the window
+
+
+def test_t3_vllm_clamps_tiny_temperatures_and_reference_does_not():
+    logits = np.array([1.0, 1.0 + 1e-5, 0.0])
+    vllm = final_logits(SamplingParams(temperature=1e-6, profile="vllm"), logits)
+    assert np.array_equal(vllm, logits / 0.01)
+    assert np.array_equal(final_logits(SamplingParams(temperature=1e-6), logits), logits / 1e-6)
+
+
+def test_r1_repetition_penalty_agrees_in_every_profile():
+    for profile in ["reference", "hf", "vllm", "llama.cpp"]:
+        params = SamplingParams(temperature=0, repetition_penalty=2.0, profile=profile)
+        z = final_logits(params, [2.0, -2.0, 0.5, 1.0], prompt=[0], generated=[1])
+        assert z.tolist() == [1, -4, 0.5, 1], profile

@@ -1,0 +1,156 @@
+"""The generation loop: prefill, decode, sample, detokenize, stop (spec/sampling.md).
+
+`Generation` is both the stream and the result: iterating it yields one `TokenEvent` per
+generated token, and `result()` folds those same events into a `Completion`, so a streamed
+and a non-streamed request run the same code and get the same text. With n = 2 the prompt
+is prefilled once, its cache copied, and the two responses decode as one batch; response i
+samples with seed + i, so response 0 equals the n = 1 run with the same seed (N1).
+"""
+from dataclasses import dataclass
+
+from .errors import ContextLengthError
+from .sampling import Sampler, SamplingParams, SamplingParamsError, SamplingTrace
+from .stopping import EOS, LENGTH, STOP_SEQUENCE, ResponseText
+from .tokenizer import IncrementalDetokenizer
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    index: int                                   # which response, 0 .. n - 1
+    token_id: int
+    text: str                                    # what this token decodes to (step 11); a special token's piece, e.g. "</s>"
+    special: bool
+    logprob: float                               # under the final sampling distribution
+    top_logprobs: tuple[tuple[int, float], ...]  # params.top_logprobs most likely (id, logprob)
+    delta: str                                   # what it adds to the response text: stop strings cut, held back while they might match, flushed at the end
+    finish_reason: str | None                    # on the last event of a response: "eos_token", "stop_sequence" or "length"
+    trace: SamplingTrace | None = None           # with generate(..., trace=True)
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    text: str                       # the concatenated deltas
+    finish_reason: str
+    tokens: tuple[TokenEvent, ...]  # one per generated token, EOS included
+    seed: int | None                # the seed of response 0 (response i drew with seed + i); None when greedy
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt_ids: tuple[int, ...]
+    choices: tuple[Choice, ...]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Generated tokens of every choice, EOS included (step 15)."""
+        return sum(len(choice.tokens) for choice in self.choices)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Response:
+    """One of the n responses: its sampler, detokenizer and text, advanced a token at a time."""
+
+    def __init__(self, index: int, model, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
+                 trace: bool):
+        self.index = index
+        self.tokenizer = model.tokenizer
+        self.eos_ids = set(model.config.eos_token_ids) | ({self.tokenizer.eos_id} if self.tokenizer else set())
+        self.sampler = Sampler(params, prompt_ids, model.config.vocab_size, choice=index, trace=trace)
+        self.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
+        self.text = ResponseText(params.stop)
+        self.max_new_tokens = max_new_tokens
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+
+    def step(self, logits) -> TokenEvent:
+        """Steps 2-15 for one row of logits (vocab,)."""
+        sample = self.sampler.sample(logits)
+        token = sample.token_id
+        self.token_ids.append(token)
+        special = self.tokenizer is not None and self.tokenizer.is_special(token)
+        piece = self.detokenizer.add(token) if self.detokenizer else ""
+        if token in self.eos_ids:                                   # step 12(a)
+            self.finish_reason = EOS
+            delta = self.text.finish(self.flush())
+        else:
+            delta = self.text.add(piece)                            # step 12(b), 13
+            if self.text.stopped:
+                self.finish_reason = STOP_SEQUENCE
+            elif len(self.token_ids) == self.max_new_tokens:       # step 12(c)
+                delta += self.text.finish(self.flush())             # step 14
+                self.finish_reason = STOP_SEQUENCE if self.text.stopped else LENGTH
+        return TokenEvent(self.index, token, self.tokenizer.id_to_piece(token) if special else piece, special,
+                          sample.logprob, sample.top_logprobs, delta, self.finish_reason, sample.trace)
+
+    def flush(self) -> str:
+        return self.detokenizer.flush() if self.detokenizer else ""
+
+
+class Generation:
+    """Iterate for the events; `result()` for the folded completion (it reads whatever the
+    iteration has not)."""
+
+    def __init__(self, model, prompt_ids, params: SamplingParams, trace: bool = False):
+        self.model = model
+        self.params = params
+        self.prompt_ids = [int(i) for i in prompt_ids]
+        if not self.prompt_ids:
+            raise ContextLengthError("prompt: at least one token is needed")
+        if params.stop and model.tokenizer is None:
+            raise SamplingParamsError("stop: stop strings need the model's tokenizer, and this model has none")
+        room = model.config.context_length - len(self.prompt_ids)
+        if room < 0:
+            raise ContextLengthError(f"prompt: {len(self.prompt_ids)} tokens do not fit in the model's context of "
+                                     f"{model.config.context_length} tokens")
+        # Past the context the response ends with "length", as when max_new_tokens is reached.
+        self.max_new_tokens = room if params.max_new_tokens is None else min(params.max_new_tokens, room)
+        self.responses = [Response(i, model, self.prompt_ids, params, self.max_new_tokens, trace)
+                          for i in range(params.n)]
+        self.events: list[TokenEvent] = []
+        self._stream = self._run()
+
+    @property
+    def seed(self) -> int | None:
+        return self.responses[0].sampler.seed
+
+    def __iter__(self):
+        for event in self._stream:
+            self.events.append(event)
+            yield event
+
+    def result(self) -> Completion:
+        for _ in self:
+            pass
+        choices = []
+        for response in self.responses:
+            tokens = tuple(e for e in self.events if e.index == response.index)
+            choices.append(Choice(response.index, "".join(e.delta for e in tokens), response.finish_reason or LENGTH,
+                                  tokens, self.seed))
+        return Completion(tuple(self.prompt_ids), tuple(choices))
+
+    def _run(self):
+        if self.max_new_tokens == 0:
+            return
+        prompt = self.prompt_ids
+        cache = self.model.new_cache(len(prompt) + self.max_new_tokens)
+        last = self.model.forward(prompt, 0, cache)[-1]                  # (vocab,)
+        caches = [cache] + [cache.copy() for _ in self.responses[1:]]
+        rows = [last] * len(self.responses)
+        active, position = list(range(len(self.responses))), len(prompt)
+        while True:
+            for i, row in zip(active, rows):
+                yield self.responses[i].step(row)
+            active = [i for i in active if self.responses[i].finish_reason is None]
+            if not active:
+                return
+            tokens = [[self.responses[i].token_ids[-1]] for i in active]  # (b, 1)
+            rows = self.model.forward_batch(tokens, position, [caches[i] for i in active])[:, -1]  # (b, vocab)
+            position += 1

@@ -1,0 +1,56 @@
+"""The audit trace: plain data, a printed table showing each non-neutral stage, a PNG."""
+import json
+
+import numpy as np
+
+import llama_ref
+from llama_ref import SamplingParams
+from llama_ref.explain import explain, format_trace, plot_trace
+from llama_ref.sampling import apply_repetition_penalty, apply_temperature, min_p_filter, top_k_filter, top_p_filter
+from test_cli import run_cli
+
+PARAMS = SamplingParams(temperature=0.7, top_k=6, top_p=0.8, min_p=0.5, repetition_penalty=1.5, seed=5)
+PROMPT = [1, 17, 90, 5, 250]
+
+
+def test_the_trace_follows_each_stage_of_one_step(checkpoint):
+    model = llama_ref.load_model(checkpoint("gqa"))
+    trace = explain(model, PROMPT, PARAMS)
+    # The same step computed here from the stage functions directly.
+    cache = model.new_cache()
+    z = model.forward(PROMPT, 0, cache)[-1].astype(np.float64)
+    expected = [z.size]
+    for stage in [lambda z: apply_repetition_penalty(z, np.unique(PROMPT), 1.5), lambda z: z,
+                  lambda z: apply_temperature(z, .7), lambda z: top_k_filter(z, 6), lambda z: top_p_filter(z, .8),
+                  lambda z: min_p_filter(z, .5)]:
+        z = stage(z)
+        expected.append(int(np.isfinite(z).sum()))
+    assert [s.survivors for s in trace.stages] == expected
+    assert [s.active for s in trace.stages] == [True, True, False, True, True, True, True]
+    assert expected[3] > expected[4] > expected[5] > expected[6] >= 1  # each filter removed something here
+    assert trace.token_id in trace.candidates and 0 <= trace.uniform < 1 and trace.seed == 5
+    json.dumps(trace.to_dict())
+
+    table = format_trace(trace).splitlines()
+    assert "u = " in table[0] and f"chosen {trace.token_id}" in table[0]
+    for setting in ["repetition_penalty=1.5", "temperature=0.7", "top_k=6", "top_p=0.8", "min_p=0.5"]:
+        assert setting in table[1]
+    assert "frequency" not in table[1]          # neutral parameters are left out
+    assert table[2].split()[1:] == [str(n) for n in expected[:2] + expected[3:]]
+    assert sum(line.startswith("* ") for line in table) == 1
+
+
+def test_the_plot_is_written(checkpoint, tmp_path):
+    model = llama_ref.load_model(checkpoint("gqa"))
+    path = plot_trace(explain(model, PROMPT, PARAMS, step=2), tmp_path / "trace.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
+def test_the_explain_command(checkpoint, tmp_path):
+    result = run_cli("explain", "--model", str(checkpoint("gqa")), "--prompt-ids", "1 17 90", "--temperature", "0.8",
+                     "--top-k", "4", "--seed", "1", "--png", str(tmp_path / "x.png"))
+    assert result.returncode == 0, result.stderr
+    assert "top_k=4" in result.stdout and (tmp_path / "x.png").stat().st_size > 1000
+    result = run_cli("explain", "--model", str(checkpoint("gqa")), "--prompt-ids", "1", "--max-new-tokens", "2",
+                     "--step", "5")
+    assert result.returncode == 2 and "step: the response ended before token 5" in result.stderr
