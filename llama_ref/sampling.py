@@ -385,6 +385,6 @@ class Sampler:
             token = draw(z, uniform)                                    # step 10
         self.accept(token)
         logprobs = log_softmax(z)
-        best = np.argsort(-logprobs, kind="stable")[:self.params.top_logprobs]
+        best = np.argsort(-logprobs, kind="stable")[:self.params.top_logprobs] if self.params.top_logprobs else []
         return Sample(token, float(logprobs[token]), tuple((int(i), float(logprobs[i])) for i in best),
                       _trace(self.params, self.seed, self.choice, stages, uniform, token) if self.trace else None)

@@ -125,6 +125,24 @@ def test_f1_frequency_and_presence_over_generated_ids_only():
     assert (z[5], z[7], z[1]) == (-2.0, -1.5, 0.0)
 
 
+def test_f2_penalties_sent_as_zero_are_exact_no_ops():
+    z = np.random.default_rng(2).standard_normal(64)
+    counts = np.random.default_rng(3).integers(0, 4, 64)
+    assert apply_frequency_presence_penalties(z, counts, 0.0, 0.0) is z
+    logits = np.random.default_rng(4).standard_normal((12, 64))
+    plain = Sampler(SamplingParams(seed=9), [1, 2, 3], 64)
+    explicit = Sampler(SamplingParams(seed=9, presence_penalty=0, frequency_penalty=0, repetition_penalty=1), [1, 2, 3],
+                       64)
+    assert [plain.sample(z).token_id for z in logits] == [explicit.sample(z).token_id for z in logits]
+
+
+def test_s7_empty_or_too_many_stop_strings_are_rejected():
+    with pytest.raises(SamplingParamsError, match="stop: every stop string must be a non-empty string"):
+        SamplingParams(stop=["ok", ""])
+    with pytest.raises(SamplingParamsError, match="stop: at most 16 strings, got 17"):
+        SamplingParams(stop=[f"s{i}" for i in range(17)])
+
+
 # --- the draw, reproduced by an independent implementation ---------------------------------
 
 def independent_sample(logits, params, prompt, generated, u):
