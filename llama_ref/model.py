@@ -7,7 +7,7 @@ Names follow Meta's reference model.py (wq wk wv wo, w1 w2 w3, attention_norm, f
 loader.py maps HF checkpoint names onto them. Invariant throughout: row i of a chunk is the
 token at absolute position start_pos + i.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -188,6 +188,7 @@ class Model:
         call its result() for the whole completion.  prompt: raw text (BOS added when the
         tokenizer asks for it) or token ids, used as they are.  trace=True attaches the
         sampler's audit trace to every event."""
+        # Imported here: generation and sampling import this module (softmax, Model).
         from .generation import Generation
         from .sampling import SamplingParams
         if isinstance(prompt, str):
@@ -195,6 +196,22 @@ class Model:
                 raise LlamaRefError("prompt: this model has no tokenizer; pass token ids")
             prompt = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
         return Generation(self, prompt, params or SamplingParams(), trace)
+
+    def chat(self, messages, params=None, chat_format: str | None = None, reject_control_strings: bool = False,
+             trace: bool = False):
+        """generate() on the prompt chat.format_chat builds for `messages` ([{"role", "content"}]):
+        the model's own template, else its architecture's default format, unless chat_format
+        names one. The format's own stop strings (airoboros, chatml) join params.stop, up to
+        the limit of 16."""
+        from .chat import format_chat
+        from .generation import Generation
+        from .sampling import MAX_STOP_STRINGS, SamplingParams
+        if self.tokenizer is None:
+            raise LlamaRefError("messages: this model has no tokenizer to format a chat with")
+        params = params or SamplingParams()
+        prompt = format_chat(messages, self.tokenizer, self.config.architecture, chat_format, reject_control_strings)
+        stops = tuple(dict.fromkeys(params.stop + prompt.stop))[:MAX_STOP_STRINGS]
+        return Generation(self, prompt.ids, replace(params, stop=stops), trace)
 
     def forward(self, tokens, start_pos: int, cache: KVCache) -> np.ndarray:
         """Logits (len(tokens), vocab_size) float32 for tokens at positions start_pos.. ."""

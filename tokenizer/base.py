@@ -10,6 +10,7 @@ Rules shared by all backends:
   incremental detokenizer relies on this).
 """
 from abc import ABC, abstractmethod
+from functools import cached_property
 
 from ..errors import LlamaRefError
 
@@ -49,6 +50,11 @@ class Tokenizer(ABC):
     @abstractmethod
     def id_to_piece(self, token_id: int) -> str:
         """The vocabulary entry as stored ("▁Hello", "<0x0A>", "</s>")."""
+
+    @cached_property
+    def special_pieces(self) -> dict[str, int]:
+        """Control tokens by their text ("</s>" -> 2): how a chat template's markers become ids."""
+        return {self.id_to_piece(i): i for i in range(self.vocab_size) if self.is_special(i)}
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
         """[BOS] + ids of text + [EOS], each end only when asked."""
