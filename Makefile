@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 	# torch first: the CPU wheel on this kind of machine; later installs must not replace it.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	# The GPTQ oracle for the tests: gptqmodel's metadata asks for a newer torch, so it goes in
+	# without its dependencies, beside the few it needs; the constraint keeps this torch.
+	echo "torch==2.13.0+cpu" > $(VENV)/constraints.txt
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt device-smi pypcre tokenicer logbar defuser dill pillow
+	$(PY) -m pip install --quiet --no-deps -c $(VENV)/constraints.txt gptqmodel==7.7.0
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -129,10 +129,9 @@ def _reject_unsupported(raw: dict, source: str) -> None:
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{source}: hidden_act={act!r}; only 'silu' (SwiGLU) is supported")
-    if raw.get("quantization_config") is not None:
-        method = raw["quantization_config"].get("quant_method", "?")
-        raise ConfigError(f"{source}: quantization_config (quant_method={method!r}) is not supported "
-                          "by the dense loader")
+    method = (raw.get("quantization_config") or {}).get("quant_method", "gptq")
+    if method != "gptq":
+        raise ConfigError(f"{source}: quantization_config has quant_method={method!r}; only GPTQ is supported")
     partial = raw.get("partial_rotary_factor", 1.0)
     if partial != 1.0:
         raise ConfigError(f"{source}: partial_rotary_factor={partial}; only 1.0 is supported")

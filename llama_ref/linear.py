@@ -7,7 +7,9 @@ quantized formats add their own classes with the same two attributes and call.
 import numpy as np
 
 from .errors import CheckpointError
+from .gptq import PackedLayer
 from .kernels import STORAGE_DTYPES, matmul
+from .kernels.gptq import CODES_PER_WORD, gptq_matmul
 from .weights import StoredTensor
 
 
@@ -26,6 +28,27 @@ class DenseLinear:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         y = matmul(x, self.weight, self.storage)    # (n, out)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+class GPTQLinear:
+    """y = x W + b with W the 4-bit GPTQ weight (in, out), kept packed (see llama_ref/gptq.py)."""
+
+    def __init__(self, name: str, layer: PackedLayer, bias: np.ndarray | None = None):
+        self.name = name
+        self.layer = layer
+        self.scaled_zeros = layer.scaled_zeros   # (groups, out) float32
+        self.bias = bias                         # (out,) float32 or None
+        self.in_features = layer.words.shape[0] * CODES_PER_WORD
+        self.out_features = layer.words.shape[1]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.layer.permutation is not None:
+            x = x[:, self.layer.permutation]     # act-order: the rows' group order
+        y = gptq_matmul(np.ascontiguousarray(x, dtype=np.float32), self.layer.words, self.layer.scales,
+                        self.scaled_zeros, self.layer.group_starts)
         if self.bias is not None:
             y += self.bias
         return y
