@@ -55,30 +55,35 @@ def write_checkpoint(directory: Path, args) -> None:
     partial.rename(directory)
 
 
-def measure(directory: str, prompt_len: int, new_tokens: int) -> dict:
-    """Runs in its own process: load, prefill, decode; report times and peak RSS."""
+def measure(directory: str, prompt_len: int, new_tokens: int, prefill_len: int | None = None) -> dict:
+    """Runs in its own process: load, prefill, decode; report times and peak RSS. Decoding
+    follows a prompt_len prompt; prefill speed is timed on prefill_len tokens (default: the
+    same prompt)."""
     import psutil
 
     import llama_ref
+    prefill_len = prefill_len or prompt_len
     started = time.perf_counter()
     model = llama_ref.load_model(directory)
     loaded = time.perf_counter()
     rss_after_load = psutil.Process().memory_info().rss
-    cache = model.new_cache(prompt_len + new_tokens + 1)
     # the first calls compile the kernels or load them from the Numba cache
-    model.forward(np.arange(3, 3 + prompt_len), 0, cache)
-    model.forward([1], prompt_len, cache)
-    cache = model.new_cache(prompt_len + new_tokens + 1)
-    prompt = np.arange(3, 3 + prompt_len)
+    cache = model.new_cache(max(prompt_len, prefill_len) + new_tokens + 1)
+    model.forward(np.arange(3, 3 + prefill_len), 0, cache)
+    model.forward([1], prefill_len, cache)
+    cache = model.new_cache(prefill_len)
     t0 = time.perf_counter()
-    logits = model.forward(prompt, 0, cache)[-1]
+    model.forward(np.arange(3, 3 + prefill_len), 0, cache)
+    prefill_s = time.perf_counter() - t0
+    cache = model.new_cache(prompt_len + new_tokens + 1)
+    logits = model.forward(np.arange(3, 3 + prompt_len), 0, cache)[-1]
     t1 = time.perf_counter()
     for step in range(new_tokens):
         logits = model.forward([int(np.argmax(logits))], prompt_len + step, cache)[-1]
     t2 = time.perf_counter()
     return {"load_s": loaded - started, "rss_after_load": rss_after_load,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "prefill_tok_s": prompt_len / (t1 - t0), "decode_tok_s": new_tokens / (t2 - t1)}
+            "prefill_tok_s": prefill_len / prefill_s, "decode_tok_s": new_tokens / (t2 - t1)}
 
 
 def read_bandwidth() -> float:
@@ -110,10 +115,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--prefill", type=int, help="prefill speed on this many tokens (default: --prompt)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.prompt, args.tokens)))
+        print(json.dumps(measure(args.measure, args.prompt, args.tokens, args.prefill)))
         return
 
     name = f"llama-fp16-l{args.layers}-h{args.hidden}-i{args.intermediate}-a{args.heads}-kv{args.kv_heads}-v{args.vocab}"

@@ -222,3 +222,68 @@ def smollm2_hf_fp16(smollm2_gguf):
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# Calibration text for gptqmodel: short, varied sentences (GPTQ needs activations, not a corpus).
+CALIBRATION = [
+    "The capital of France is Paris, a city on the Seine.", "Water boils at one hundred degrees Celsius at sea level.",
+    "def add(a, b):\n    return a + b", "In 1969 two astronauts walked on the Moon.",
+    "Photosynthesis turns light, water and carbon dioxide into sugar.", "She opened the window and the rain came in.",
+    "The quick brown fox jumps over the lazy dog.", "Prime numbers have exactly two divisors.",
+    "A transformer model attends to every earlier token.", "Berlin, Madrid and Rome are European capitals.",
+    "Please summarise the following paragraph in one sentence.", "The mitochondria is the powerhouse of the cell.",
+    "import numpy as np\nx = np.arange(10)", "Shakespeare wrote Hamlet around the year 1600.",
+    "The train leaves at seven and arrives at noon.", "Gravity pulls objects toward each other.",
+    "What is the tallest mountain on Earth?", "Mount Everest is about 8,849 metres tall.",
+    "He bought bread, cheese and a bottle of milk.", "The Pacific is the largest ocean on the planet.",
+    "SELECT name FROM users WHERE age > 30;", "Music, art and literature reflect their time.",
+    "A triangle's angles add up to 180 degrees.", "The library closes early on Sundays.",
+    "Translate 'good morning' into Spanish: buenos días.", "Electric cars use batteries instead of fuel.",
+    "The cat slept in the sun all afternoon.", "Neural networks learn from examples.",
+    "Tokyo is the capital of Japan.", "The recipe needs two eggs and a cup of flour.",
+    "Rivers carry water from mountains to the sea.", "Light travels faster than sound.",
+]
+
+GPTQ_VARIANTS = {"sym": dict(desc_act=False, sym=True), "act-order": dict(desc_act=True, sym=True),
+                 "asym": dict(desc_act=False, sym=False)}
+
+QUANTIZE_SCRIPT = """
+import json, sys
+from gptqmodel import GPTQModel, QuantizeConfig
+source, target, options, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+model = GPTQModel.load(source, QuantizeConfig(bits=4, group_size=128, **options), device="cpu")
+model.quantize(texts, batch_size=4)
+model.save(target)
+"""
+
+GPTQMODEL_ENV = {"GPTQMODEL_CPU_WORKERS": "2", "TORCHDYNAMO_DISABLE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1"}
+
+
+@pytest.fixture(scope="session")
+def smollm2_gptq(smollm2_hf_fp16):
+    """smollm2_gptq(variant) -> SmolLM2-135M-Instruct quantized by gptqmodel 7.7.0 on CPU
+    (4 bits, group size 128; GPTQ_VARIANTS), cached under $LLAMA_REF_HOME (about a minute each)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from llama_ref.assets import cache_home
+
+    def get(variant):
+        target = cache_home() / "derived" / f"smollm2-135m-instruct-gptq-{variant}-gptqmodel7.7.0"
+        if target.exists():
+            return target
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+        try:
+            subprocess.run([sys.executable, "-c", QUANTIZE_SCRIPT, str(smollm2_hf_fp16), str(staging / "model"),
+                            json.dumps(GPTQ_VARIANTS[variant]), json.dumps(CALIBRATION)],
+                           env={**os.environ, **GPTQMODEL_ENV}, check=True, capture_output=True, timeout=1200)
+            for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]:
+                if (smollm2_hf_fp16 / name).exists() and not (staging / "model" / name).exists():
+                    shutil.copy(smollm2_hf_fp16 / name, staging / "model" / name)
+            os.replace(staging / "model", target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+    return get

