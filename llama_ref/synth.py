@@ -5,7 +5,8 @@ in seconds (nothing is quantized), for benchmarks and memory tests.
     write_synthetic_gptq(directory, "llama-2-13b", layers=2)    # its first 2 layers
 
 The file is a standard AutoGPTQ-style checkpoint (model.safetensors, config.json with
-quantization_config, quantize_config.json): sym, v1 zero points, group size 128. Tensors
+quantization_config, quantize_config.json, Llama-2's tokenizer.model): sym, v1 zero points,
+group size 128. Tensors
 are generated and written one at a time, so writing a 13B checkpoint never holds more than
 one of them in memory; the directory appears only when complete.
 """
@@ -94,7 +95,8 @@ def llama2_tokenizer_model() -> bytes:
 
 def write_synthetic_gptq(directory, shape: str = "llama-2-13b", layers: int | None = None, seed: int = 0,
                          tokenizer_model: bytes | None = None) -> Path:
-    """Write the checkpoint to `directory` (which must not exist) and return it."""
+    """Write the checkpoint to `directory` (which must not exist) and return it, with Llama-2's
+    tokenizer.model unless another is given."""
     if shape not in SHAPES:
         raise ValueError(f"shape: one of {', '.join(SHAPES)}, got {shape!r}")
     directory = Path(directory)
@@ -113,7 +115,6 @@ def write_synthetic_gptq(directory, shape: str = "llama-2-13b", layers: int | No
                       lambda name, shape: tensor_data(name, shape, rng))
     (partial / "config.json").write_text(json.dumps({**config, "quantization_config": quantize}, indent=2))
     (partial / "quantize_config.json").write_text(json.dumps(quantize, indent=2))
-    if tokenizer_model is not None:
-        (partial / "tokenizer.model").write_bytes(tokenizer_model)
+    (partial / "tokenizer.model").write_bytes(tokenizer_model or llama2_tokenizer_model())
     os.replace(partial, directory)
     return directory

@@ -136,6 +136,16 @@ def test_dequantization_equals_autogptq_qlinear_cuda(variant, autogptq_quant_lin
     assert np.array_equal(ours, autogptq_weight(autogptq_quant_linear, tensors, d_in, d_out, group_size))
 
 
+def test_legacy_layout_without_g_idx_and_with_fp32_scales_equals_autogptq(autogptq_quant_linear):
+    """GPTQ-for-LLaMa 2023: no g_idx (so rows belong to i // group_size), scales in float32."""
+    tensors, zeros = random_pack(np.random.default_rng(9), 512, 64, 128, sym=False)
+    tensors["scales"] = tensors["scales"].astype(np.float32) * np.float32(1.0001)   # not fp16-representable
+    layer = packed_linear(tensors, 128, with_g_idx=False).layer     # the zero points and scales as we load them
+    expected = autogptq_weight(autogptq_quant_linear, tensors, 512, 64, 128)   # given g_idx = i // 128
+    assert np.array_equal(dequantize_numpy(tensors["qweight"], layer.zeros, layer.scales, np.arange(512) // 128),
+                          expected)
+
+
 def test_v1_nibble_f_reads_as_zero_16_like_qlinear_cuda_and_warns(autogptq_quant_linear):
     tensors, zeros = random_pack(np.random.default_rng(3), 256, 64, 128, sym=False, version=1, nibble_f=True)
     with pytest.warns(UserWarning, match="v1 zero point nibble 0xF"):

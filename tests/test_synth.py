@@ -22,5 +22,6 @@ def test_a_synthetic_llama_2_7b_layer_is_a_standard_gptq_checkpoint(tmp_path):
         qweight = f.get_tensor("model.layers.0.mlp.down_proj.qweight")
         assert qweight.shape == (11008 // 8, 4096)
         assert np.array_equal(qweight.view(np.uint32), model.weights.layers[0].w2.layer.words)
+    assert model.tokenizer.encode("Hello", bos=True, eos=False) == [1, 15043]   # Llama-2's vocabulary
     logits = model.forward([1, 450, 7483], 0, model.new_cache(8))
     assert np.isfinite(logits).all() and logits.std() > 0.1
