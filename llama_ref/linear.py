@@ -8,7 +8,7 @@ import numpy as np
 
 from .errors import CheckpointError
 from .gptq import PackedLayer
-from .kernels import STORAGE_DTYPES, matmul
+from .kernels import STORAGE_DTYPES, ggml, matmul
 from .kernels.gptq import CODES_PER_WORD, gptq_matmul
 from .weights import StoredTensor
 
@@ -52,3 +52,25 @@ class GPTQLinear:
         if self.bias is not None:
             y += self.bias
         return y
+
+
+class GGUFLinear:
+    """y = x Wᵀ with W (out, in) in one of llama.cpp's block formats (Q8_0, Q4_0, Q4_1), kept
+    as stored: `data` (out, in / 32 * block bytes) uint8 (see kernels/ggml.py)."""
+
+    def __init__(self, name: str, data: np.ndarray, kind: str):
+        self.name = name
+        self.data = data
+        self.kind = kind
+        self.out_features = data.shape[0]
+        self.in_features = data.shape[1] // ggml.BLOCK_BYTES[kind] * ggml.BLOCK
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return ggml.matmul(x, self.data, self.kind)
+
+    def rows(self, ids) -> np.ndarray:
+        """Rows of W, dequantized (for an embedding table stored this way).  (len(ids), in) float32."""
+        return ggml.dequantize_numpy(self.data[ids], self.kind)
+
+
+Linear = DenseLinear | GPTQLinear | GGUFLinear

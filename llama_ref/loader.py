@@ -8,7 +8,9 @@ import json
 import re
 from pathlib import Path
 
+from .assets import default_model
 from .config import ModelConfig
+from .gguf_loader import load_gguf
 from .errors import CheckpointError
 from .gptq import GPTQConfig, find_gptq_config, prepare_layer
 from .tokenizer import has_tokenizer, load_tokenizer
@@ -122,13 +124,16 @@ def build_weights(tensors: dict[str, StoredTensor], config: ModelConfig, gptq: G
 
 
 def load_model(path: str | Path) -> Model:
-    """Load an HF checkpoint directory (config.json + safetensors, single or sharded), with
-    its tokenizer when the directory has one (tokenizer.model or tokenizer.json)."""
+    """Load an HF checkpoint directory (config.json + safetensors, single or sharded, dense or
+    GPTQ) with its tokenizer when the directory has one (tokenizer.model or tokenizer.json),
+    a .gguf file, or "default" (SmolLM2-135M-Instruct, fetched once; see assets.py)."""
     if str(path) == "default":
-        raise CheckpointError("the default model is not available yet; pass a checkpoint directory")
+        path = default_model()
     directory = Path(path)
+    if directory.is_file() and directory.suffix == ".gguf":
+        return load_gguf(directory)
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory (expected an HF checkpoint directory)")
+        raise CheckpointError(f"{directory}: not a directory (expected an HF checkpoint directory or a .gguf file)")
     config = ModelConfig.from_json_file(directory / "config.json")
     tensors = read_checkpoint(directory)
     gptq = find_gptq_config(directory, json.loads((directory / "config.json").read_text()), tensors)

@@ -14,31 +14,30 @@ from threadpoolctl import ThreadpoolController
 
 from .config import ModelConfig
 from .errors import ContextLengthError, LlamaRefError
-from .linear import DenseLinear
+from .linear import GGUFLinear, Linear
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
-from .kernels import widen_numpy
 from .weights import StoredTensor
 
 
 @dataclass(frozen=True)
 class Layer:
     attention_norm: np.ndarray  # (hidden,) float32
-    wq: DenseLinear             # hidden -> n_heads * head_dim
-    wk: DenseLinear             # hidden -> n_kv_heads * head_dim
-    wv: DenseLinear             # hidden -> n_kv_heads * head_dim
-    wo: DenseLinear             # n_heads * head_dim -> hidden
+    wq: Linear                  # hidden -> n_heads * head_dim
+    wk: Linear                  # hidden -> n_kv_heads * head_dim
+    wv: Linear                  # hidden -> n_kv_heads * head_dim
+    wo: Linear                  # n_heads * head_dim -> hidden
     ffn_norm: np.ndarray        # (hidden,) float32
-    w1: DenseLinear             # gate: hidden -> intermediate
-    w2: DenseLinear             # down: intermediate -> hidden
-    w3: DenseLinear             # up:   hidden -> intermediate
+    w1: Linear                  # gate: hidden -> intermediate
+    w2: Linear                  # down: intermediate -> hidden
+    w3: Linear                  # up:   hidden -> intermediate
 
 
 @dataclass(frozen=True)
 class Weights:
-    tok_embeddings: StoredTensor  # (vocab, hidden), stored dtype; rows widened on lookup
+    tok_embeddings: StoredTensor | GGUFLinear  # (vocab, hidden) as stored; rows widened on lookup
     layers: tuple[Layer, ...]
     norm: np.ndarray              # (hidden,) float32
-    output: DenseLinear           # hidden -> vocab (the embedding matrix when tied)
+    output: Linear                # hidden -> vocab (the embedding matrix when tied)
 
 
 class KVCache:
@@ -120,9 +119,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np
     return out.transpose(2, 0, 1, 3).reshape(n, n_heads * d)
 
 
-def embed(tokens: np.ndarray, table: StoredTensor) -> np.ndarray:
-    """Rows of the embedding table, widened.  Returns (n, hidden) float32."""
-    return widen_numpy(table.data[tokens], table.dtype)
+def embed(tokens: np.ndarray, table) -> np.ndarray:
+    """Rows of the embedding table (a StoredTensor, or a GGUFLinear for a quantized one),
+    widened.  Returns (n, hidden) float32."""
+    return table.rows(tokens)
 
 
 def forward(config: ModelConfig, weights: Weights, tokens: np.ndarray, start_pos: int,

@@ -40,6 +40,10 @@ class StoredTensor:
     def shape(self) -> tuple[int, ...]:
         return self.data.shape
 
+    def rows(self, ids) -> np.ndarray:
+        """Rows of a 2-D tensor, widened: an embedding lookup.  (len(ids), columns) float32."""
+        return widen_numpy(self.data[ids], self.dtype)
+
     def to_float32(self) -> np.ndarray:
         """A float32 copy: for the small tensors only (norms, biases)."""
         return widen_numpy(self.data, self.dtype)

@@ -43,7 +43,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     raise TokenizerError(f"{directory}: no {' or '.join(TOKENIZER_FILES)}")
 
 
-def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
+def load_gguf_tokenizer(path) -> Tokenizer:
+    """path: a GGUF file, or a gguf.GGUFReader open on one."""
     vocab = read_gguf_vocab(path)
     if vocab.model == "llama":
         return SentencePieceTokenizer(sentencepiece_model(vocab), add_bos=vocab.add_bos,

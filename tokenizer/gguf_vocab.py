@@ -35,11 +35,12 @@ class GGUFVocab:
     chat_template: str | None
 
 
-def read_gguf_vocab(path: str | Path) -> GGUFVocab:
-    """The tokenizer.* metadata of a GGUF file."""
+def read_gguf_vocab(path) -> GGUFVocab:
+    """The tokenizer.* metadata of a GGUF file: its path, or a gguf.GGUFReader already open
+    on it (parsing a large vocabulary's metadata takes seconds; the model loader shares it)."""
     import gguf  # only GGUF users need it
 
-    reader = gguf.GGUFReader(str(path))
+    reader = path if isinstance(path, gguf.GGUFReader) else gguf.GGUFReader(str(path))
 
     def get(key, default=None):
         field = reader.fields.get(key)

@@ -1,0 +1,129 @@
+"""Building a Model from a GGUF file (llama.cpp's format) with the `gguf` package.
+
+- Config from the `llama.*` metadata; tokenizer and chat template from `tokenizer.ggml.*`.
+- F32/F16/BF16 tensors are used as stored; Q8_0, Q4_0 and Q4_1 stay block-quantized and run
+  through kernels/ggml.py; any other type (the K-quants, Q5_*) is dequantized with
+  gguf.quants.dequantize to fp16 at load, which costs memory and speed but not correctness.
+- llama.cpp's converter permutes the rows of attn_q and attn_k within each head, from HF's
+  rotate-half pairs (i, i + d/2) to interleaved pairs (2i, 2i + 1); the permutation is
+  undone here (rope.interleaved_to_half), so the forward pass is the same as for HF files.
+"""
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from .config import ModelConfig, RopeScaling
+from .errors import CheckpointError, ConfigError
+from .kernels.ggml import BLOCK_BYTES
+from .linear import DenseLinear, GGUFLinear
+from .model import Layer, Model, Weights
+from .rope import interleaved_to_half
+from .tokenizer import load_gguf_tokenizer
+from .weights import StoredTensor
+
+LAYER_NAMES = {"attn_norm": "attention_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
+               "ffn_norm": "ffn_norm", "ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3"}
+DENSE = {gguf.GGMLQuantizationType.F32: "F32", gguf.GGMLQuantizationType.F16: "F16",
+         gguf.GGMLQuantizationType.BF16: "BF16"}
+
+
+def field(reader: gguf.GGUFReader, key: str, default=None):
+    value = reader.fields.get(key)
+    return default if value is None else value.contents()
+
+
+def gguf_config(reader: gguf.GGUFReader, source: str) -> ModelConfig:
+    """The ModelConfig the `llama.*` keys describe (llama.cpp's llama_model_loader names)."""
+    arch = field(reader, "general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"{source}: general.architecture={arch!r}; only 'llama' is supported")
+
+    def required(key):
+        value = field(reader, f"llama.{key}")
+        if value is None:
+            raise ConfigError(f"{source}: metadata llama.{key} is missing")
+        return value
+    hidden, heads = required("embedding_length"), required("attention.head_count")
+    scaling_type = field(reader, "llama.rope.scaling.type", "none")
+    if scaling_type not in ("none", "linear"):
+        raise ConfigError(f"{source}: llama.rope.scaling.type={scaling_type!r}; supported: none, linear")
+    scaling = RopeScaling("linear", float(field(reader, "llama.rope.scaling.factor"))) \
+        if scaling_type == "linear" else None
+    names = {t.name for t in reader.tensors}
+    eos = field(reader, "tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        architecture="LlamaForCausalLM", vocab_size=field(reader, "llama.vocab_size") or len(
+            field(reader, "tokenizer.ggml.tokens")),
+        hidden_size=hidden, intermediate_size=required("feed_forward_length"),
+        num_hidden_layers=required("block_count"), num_attention_heads=heads,
+        num_key_value_heads=field(reader, "llama.attention.head_count_kv", heads),
+        head_dim=field(reader, "llama.rope.dimension_count", hidden // heads),
+        rms_norm_eps=float(required("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(field(reader, "llama.rope.freq_base", 10000.0)), rope_scaling=scaling,
+        max_position_embeddings=required("context_length"), tie_word_embeddings="output.weight" not in names,
+        bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"), eos_token_ids=() if eos is None else (eos,))
+
+
+def q_k_row_order(out_features: int, n_heads: int) -> np.ndarray:
+    """Row i of the un-permuted matrix is row order[i] of the stored one."""
+    return interleaved_to_half(np.arange(out_features)[:, None], n_heads)[:, 0]
+
+
+def stored(tensor, data: np.ndarray | None = None) -> StoredTensor:
+    """An F32/F16/BF16 GGUF tensor as the dense code reads it (16-bit types as raw bits)."""
+    data = tensor.data if data is None else data
+    return StoredTensor(tensor.name, DENSE[tensor.tensor_type], data if data.dtype == np.float32 else data.view(np.uint16))
+
+
+def gguf_linear(tensor, rows: np.ndarray | None = None):
+    """A Linear over one GGUF tensor (out, in), its rows reordered when `rows` is given."""
+    data = tensor.data if rows is None else np.ascontiguousarray(tensor.data[rows])
+    if tensor.tensor_type in DENSE:
+        return DenseLinear(stored(tensor, data))
+    if tensor.tensor_type.name in BLOCK_BYTES:
+        return GGUFLinear(tensor.name, data, tensor.tensor_type.name)
+    dequantized = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    dequantized = dequantized if rows is None else dequantized[rows]
+    return DenseLinear(StoredTensor(tensor.name, "F16", dequantized.astype(np.float16).view(np.uint16)))
+
+
+def vector(tensor) -> np.ndarray:
+    """A norm weight (hidden,) as float32."""
+    if tensor.tensor_type not in DENSE:
+        raise CheckpointError(f"{tensor.name}: a norm weight must be F32, F16 or BF16, got {tensor.tensor_type.name}")
+    return stored(tensor).to_float32()
+
+
+def load_gguf(path: str | Path) -> Model:
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from None
+    config = gguf_config(reader, str(path))
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(name):
+        if name not in tensors:
+            raise CheckpointError(f"{path}: tensor {name} is missing")
+        return tensors[name]
+    layers = []
+    for i in range(config.num_hidden_layers):
+        parts = {}
+        for short, meta in LAYER_NAMES.items():
+            tensor = get(f"blk.{i}.{short}.weight")
+            if short.endswith("norm"):
+                parts[meta] = vector(tensor)
+            elif short in ("attn_q", "attn_k"):
+                heads = config.num_attention_heads if short == "attn_q" else config.num_key_value_heads
+                parts[meta] = gguf_linear(tensor, q_k_row_order(tensor.data.shape[0], heads))
+            else:
+                parts[meta] = gguf_linear(tensor)
+        layers.append(Layer(**parts))
+    embedding = gguf_linear(get("token_embd.weight"))
+    table = embedding if isinstance(embedding, GGUFLinear) else stored(get("token_embd.weight"))
+    output = embedding if config.tie_word_embeddings else gguf_linear(get("output.weight"))
+    weights = Weights(tok_embeddings=table, layers=tuple(layers), norm=vector(get("output_norm.weight")),
+                      output=output)
+    return Model(config, weights, load_gguf_tokenizer(reader))
