@@ -7,9 +7,10 @@ MODEL ?= default
 PROMPT ?= The capital of France is
 PROMPT_IDS ?=
 TOKENS ?= 32
+PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: test run bench clean
+.PHONY: test run generate bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,9 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 run: $(STAMP)
+	$(VENV)/bin/llama-ref serve --model "$(MODEL)" --host 127.0.0.1 --port $(PORT)
+
+generate: $(STAMP)
 	$(VENV)/bin/llama-ref generate --model "$(MODEL)" $(if $(PROMPT_IDS),--prompt-ids "$(PROMPT_IDS)",--prompt "$(PROMPT)") --max-new-tokens $(TOKENS)
 
 bench: $(STAMP)

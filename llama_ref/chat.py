@@ -267,3 +267,17 @@ def format_chat(messages, tokenizer: Tokenizer, architecture: str = "LlamaForCau
     """The prompt for `messages` ([{"role": ..., "content": ...}]) in the chosen format."""
     checked = check_messages(messages, reject_control_strings)
     return BUILT_IN[choose_format(tokenizer, architecture, chat_format)](checked, tokenizer)
+
+
+def encode_native_input(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The native API's raw `input`: BOS + encode(input), except that the literal BOS and EOS
+    texts ("<s>", "</s>") become their ids, as the provider's docs write a conversation's
+    history ("... first answer</s><s>[INST] ..."). An input that starts with "<s>" gets no
+    second BOS. Every other control-looking text stays text."""
+    markers = {tokenizer.id_to_piece(i): i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None}
+    pieces = [p for p in re.split("(" + "|".join(map(re.escape, markers)) + ")", text) if p] if markers else [text]
+    starts_with_bos = tokenizer.bos_id is not None and pieces[:1] == [tokenizer.id_to_piece(tokenizer.bos_id)]
+    ids = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None and not starts_with_bos else []
+    for piece in pieces:
+        ids += [markers[piece]] if piece in markers else tokenizer.encode_text(piece)
+    return ids

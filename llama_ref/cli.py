@@ -62,6 +62,40 @@ def cmd_explain(args) -> None:
         print(f"[plot saved to {plot_trace(trace, args.png, model.tokenizer)}]", file=sys.stderr)
 
 
+SERVE_BANNER = """serving {model} as '{name}' on {url}
+
+  curl {url}/v1/openai/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1/openai", api_key="unused")
+  print(client.chat.completions.create(model="{name}", temperature=0,
+        messages=[{{"role": "user", "content": "What is the capital of France?"}}]).choices[0].message.content)
+"""
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from .server import ServerSettings, create_app
+    aliases = {}
+    for alias in args.alias:
+        name, _, target = alias.partition("=")
+        if not name or target != args.served_model_name:
+            raise LlamaRefError(f"--alias {alias!r}: expected ALIAS={args.served_model_name} (the served model)")
+        aliases[name] = target
+    if args.max_queue < 1:
+        raise LlamaRefError(f"--max-queue: must be at least 1, got {args.max_queue}")
+    model = load_model(args.model)
+    if model.tokenizer is None:
+        raise LlamaRefError(f"--model {args.model}: serving needs a tokenizer (tokenizer.model or tokenizer.json)")
+    settings = ServerSettings(model_path=args.model, served_model_name=args.served_model_name, aliases=aliases,
+                              api_key=args.api_key, price_per_mtoken=args.price_per_mtoken, max_queue=args.max_queue)
+    print(SERVE_BANNER.format(model=args.model, name=args.served_model_name, url=f"http://{args.host}:{args.port}"),
+          file=sys.stderr, flush=True)
+    uvicorn.run(create_app(settings, model), host=args.host, port=args.port, log_level="warning")
+
+
 def add_prompt_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="HF checkpoint directory (config.json + safetensors)")
     prompt = parser.add_mutually_exclusive_group(required=True)
@@ -98,6 +132,17 @@ def main(argv=None) -> int:
     audit.add_argument("--step", type=int, default=0, help="which generated token to explain (0 = the first)")
     audit.add_argument("--png", help="also save the stages as a bar chart")
     audit.set_defaults(run=cmd_explain)
+    serve = commands.add_parser("serve", help="the native and OpenAI-compatible HTTP APIs",
+                                description="Serve a model over HTTP. Example: llama-ref serve --model default --port 8000")
+    serve.add_argument("--model", default="default", help="HF directory, .gguf file, or 'default'")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default="default", help="the name clients ask for")
+    serve.add_argument("--alias", action="append", default=[], help="another name, ALIAS=SERVED_NAME (repeatable)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--price-per-mtoken", type=float, default=0.0, help="dollars per million tokens (usage cost)")
+    serve.add_argument("--max-queue", type=int, default=8, help="requests running or waiting before 503")
+    serve.set_defaults(run=cmd_serve)
     args = parser.parse_args(argv)
     try:
         args.run(args)

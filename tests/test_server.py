@@ -1,0 +1,321 @@
+"""The HTTP server, started for real (`llama-ref serve` in a subprocess on a loopback port) and
+driven by the official openai client and by raw HTTP."""
+import http.server
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from llama_ref.synth import llama2_tokenizer_model
+from conftest import make_checkpoint
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir, *args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "llama_ref.cli", "serve", "--model", str(model_dir), "--port", str(self.port),
+             "--served-model-name", "tiny", "--alias", "default=tiny", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+            if self.process.poll() is not None:
+                raise RuntimeError(self.process.stderr.read())
+        raise RuntimeError("the server did not start")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = make_checkpoint(tmp_path_factory.mktemp("served"), overrides=dict(vocab_size=32000))
+    (directory / "tokenizer.model").write_bytes(llama2_tokenizer_model())
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    running = Server(model_dir, "--price-per-mtoken", "0.2", *[f"--alias={name}=tiny" for name in SEED_MODELS])
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1/openai", api_key="unused", max_retries=0)
+
+
+SEED_MODELS = ["Gryphe/MythoMax-L2-13b", "01-ai/Yi-34B-Chat", "meta-llama/Llama-2-70b-chat-hf"]
+SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi 😀"}]
+
+
+def test_chat_completion_fields(client):
+    response = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, seed=3)
+    choice = response.choices[0]
+    assert response.object == "chat.completion" and response.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    usage = response.usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens and 1 <= usage.completion_tokens <= 12
+    assert usage.model_extra["estimated_cost"] == pytest.approx(usage.total_tokens * 0.2 / 1e6)
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(stop=["e", " the"]), dict(temperature=0), dict(extra_body={"top_k": 5, "min_p": 0.05}, top_p=0.8)])
+def test_streamed_content_equals_the_non_streamed_content(client, extra):
+    kwargs = dict(model="default", messages=MESSAGES, max_tokens=24, seed=11, **extra)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    for stop in extra.get("stop", []):
+        assert stop not in content
+
+
+def test_n_2_choice_0_equals_n_1_and_logprobs(client):
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=10, seed=5, temperature=0.9)
+    both = client.chat.completions.create(n=2, **kwargs)
+    one = client.chat.completions.create(**kwargs)
+    assert both.choices[0].message.content == one.choices[0].message.content
+    assert both.usage.completion_tokens > one.usage.completion_tokens
+    scored = client.chat.completions.create(logprobs=True, top_logprobs=3, **kwargs)
+    content = scored.choices[0].logprobs.content
+    assert len(content) == scored.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+
+
+def test_completions_with_echo(client):
+    whole = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, seed=2, echo=True)
+    assert whole.choices[0].text.startswith("Once upon a time")
+    streamed = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, seed=2, echo=True,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+
+
+def test_models(client):
+    assert {m.id for m in client.models.list()} == {"tiny", "default", *SEED_MODELS}
+
+
+def curl(url, body):
+    return subprocess.run(["curl", "-sS", url, "-H", "Content-Type: application/json", "-d", body],
+                          capture_output=True, text=True, check=True, timeout=120).stdout
+
+
+@pytest.mark.parametrize("seed_file", ["openai-chat-api-mythomax.txt", "openai-chat-api-yi34b.txt"])
+def test_the_seeds_openai_curl_examples_run_verbatim(server, seed_file):
+    """Each curl command of the seed page, run by bash as written, with only the URL changed."""
+    text = (SEEDS / seed_file).read_text()
+    commands = re.findall(r"""curl "https://[^"]+/v1/openai/chat/completions".*?\n\s*\}'""", text, re.DOTALL)
+    assert len(commands) >= 2
+    for command in commands:
+        command = re.sub(r'"https://[^"]+/v1/openai', f'"{server.url}/v1/openai', command, count=1)
+        out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=True, timeout=120,
+                             env={"PATH": "/usr/bin:/bin", "DEEPINFRA_TOKEN": "unused"}).stdout
+        model = re.search(r'"model": "([^"]+)"', command).group(1)
+        if '"stream": true' in command:
+            events = out.strip().split("\n\n")
+            assert events[-1] == "data: [DONE]" and all(e.startswith("data: {") for e in events[:-1])
+            chunks = [json.loads(e[6:]) for e in events[:-1]]
+            assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+            assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"]
+            assert all(c["object"] == "chat.completion.chunk" and c["model"] == model for c in chunks)
+        else:
+            response = json.loads(out)
+            assert response["object"] == "chat.completion" and response["model"] == model
+            assert response["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_the_seeds_native_curl_examples(server):
+    # The seed page cuts both bodies off before their closing brace; completed here.
+    url = server.url + "/v1/inference/meta-llama/Llama-2-70b-chat-hf"
+    response = json.loads(curl(url, '{\n     "input": "[INST] Just say hi! [/INST] "\n}'))
+    assert response["inference_status"]["tokens_input"] == response["num_input_tokens"] > 0
+    events = curl(url, '{\n     "input": "[INST] Just say hi! [/INST] ",\n     "stream": true\n}').strip().split("\n\n")
+    assert all(e.startswith("data: {") for e in events) and json.loads(events[-1][6:])["details"] is not None
+
+
+def sse_events(response) -> list[dict]:
+    lines = [line for line in response.text.split("\n") if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    return [json.loads(line[len("data: "):]) for line in lines]
+
+
+def test_native_route_streamed_and_not(server):
+    body = {"input": "[INST] Just say hi! [/INST] ", "max_new_tokens": 16, "seed": 4}
+    whole = httpx.post(f"{server.url}/v1/inference/tiny", json=body).json()
+    assert set(whole) == {"request_id", "inference_status", "results", "num_tokens", "num_input_tokens"}
+    assert whole["inference_status"]["status"] == "succeeded"
+    stream = httpx.post(f"{server.url}/v1/inference/tiny", json={**body, "stream": True})
+    events = sse_events(stream)
+    assert all(set(e["token"]) == {"id", "text", "logprob", "special"} for e in events)
+    assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
+    last = events[-1]
+    assert last["generated_text"] == whole["results"][0]["generated_text"]
+    assert last["details"]["generated_tokens"] == len(events) == whole["num_tokens"]
+    assert last["details"]["seed"] == 4 and last["details"]["finish_reason"] in ("eos_token", "length", "stop_sequence")
+
+
+def test_webhook_gets_the_final_body(server):
+    received = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    receiver = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        body = {"input": "hi", "max_new_tokens": 5, "seed": 9, "webhook": f"http://127.0.0.1:{receiver.server_port}/"}
+        reply = httpx.post(f"{server.url}/v1/inference/tiny", json=body).json()
+        assert reply["inference_status"]["status"] == "queued"
+        deadline = time.time() + 60
+        while not received and time.time() < deadline:
+            time.sleep(0.1)
+        direct = httpx.post(f"{server.url}/v1/inference/tiny", json={**body, "webhook": None}).json()
+        assert received[0]["request_id"] == reply["request_id"]
+        assert received[0]["results"] == direct["results"]
+    finally:
+        receiver.shutdown()
+    bad = httpx.post(f"{server.url}/v1/inference/tiny", json={**body, "webhook": "ftp://x"})
+    assert bad.status_code == 400 and "webhook" in bad.json()["error"]
+
+
+def openai_error(response, status, param):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and param in error["message"], error
+    return error
+
+
+@pytest.mark.parametrize("change, param", [
+    (dict(temperature=3), "temperature"), (dict(top_p=0), "top_p"), (dict(n=3), "n"),
+    (dict(max_tokens=-1), "max_tokens"), (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(seed=-1), "seed"), (dict(unknown_field=1), "unknown_field"), (dict(stop=[""]), "stop"),
+    (dict(stop=[str(i) for i in range(17)]), "stop"), (dict(stream=True, n=2), "n"),
+    (dict(messages=[]), "messages"), (dict(messages=[{"role": "assistant", "content": "x"}]), "messages"),
+    (dict(response_format={"type": "xml"}), "response_format.type"),
+])
+def test_invalid_chat_requests_are_4xx_naming_the_field(server, change, param):
+    body = {"model": "tiny", "messages": MESSAGES, **change}
+    openai_error(httpx.post(f"{server.url}/v1/openai/chat/completions", json=body), 400, param)
+
+
+def test_unknown_model_context_overflow_and_malformed_bodies(server):
+    error = openai_error(httpx.post(f"{server.url}/v1/chat/completions", json={"model": "gpt-4", "messages": MESSAGES}),
+                         404, "model")
+    assert error["code"] == "model_not_found"
+    long = {"model": "tiny", "messages": [{"role": "user", "content": "word " * 400}], "max_tokens": None}
+    error = openai_error(httpx.post(f"{server.url}/v1/chat/completions", json=long), 400, "prompt")
+    assert error["code"] == "context_length_exceeded"
+    bad = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 400
+    native = httpx.post(f"{server.url}/v1/inference/tiny", json={"input": "hi", "num_responses": 2, "stream": True})
+    assert native.status_code == 400 and "num_responses" in native.json()["error"]
+
+
+def test_api_key(model_dir):
+    guarded = Server(model_dir, "--api-key", "sesame")
+    try:
+        body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 2}
+        assert httpx.post(f"{guarded.url}/v1/chat/completions", json=body).status_code == 401
+        wrong = httpx.post(f"{guarded.url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer x"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        right = httpx.post(f"{guarded.url}/v1/chat/completions", json=body, headers={"Authorization": "Bearer sesame"})
+        assert right.status_code == 200
+    finally:
+        guarded.stop()
+
+
+def test_a_client_that_leaves_stops_its_generation(server):
+    body = {"input": "Tell me a long story", "max_new_tokens": None, "stream": True, "seed": 1, "temperature": 1.0}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", f"{server.url}/v1/inference/tiny", json=body) as response:
+            events = 0
+            for line in response.iter_lines():
+                events += line.startswith("data: ")
+                if events == 3:
+                    break
+    time.sleep(0.5)
+    before = httpx.get(server.url + "/health").json()["generated_tokens"]
+    time.sleep(1.0)
+    after = httpx.get(server.url + "/health").json()["generated_tokens"]
+    assert after - before <= 1
+
+
+def test_queue_full_is_503_and_queued_clients_get_their_own_answers(model_dir):
+    busy = Server(model_dir, "--max-queue", "8")
+    try:
+        results = {}
+
+        def ask(i):
+            body = {"model": "tiny", "messages": [{"role": "user", "content": f"Count to {i}"}], "max_tokens": 200,
+                    "seed": i, "stream": True}
+            with httpx.Client(timeout=120) as http:
+                response = http.post(f"{busy.url}/v1/chat/completions", json=body)
+            if response.status_code != 200:
+                results[i] = (response.status_code, response.headers.get("retry-after"))
+                return
+            chunks = [json.loads(line[6:]) for line in response.text.split("\n") if line.startswith("data: {")]
+            results[i] = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(9)]
+        for t in threads:
+            t.start()
+            time.sleep(0.02)
+        for t in threads:
+            t.join()
+        refused = [i for i, r in results.items() if isinstance(r, tuple)]
+        assert len(refused) == 1 and results[refused[0]] == (503, "1")
+        for i, text in results.items():
+            if i not in refused:
+                alone = httpx.post(f"{busy.url}/v1/chat/completions", timeout=120, json={
+                    "model": "tiny", "messages": [{"role": "user", "content": f"Count to {i}"}], "max_tokens": 200,
+                    "seed": i}).json()
+                assert text == alone["choices"][0]["message"]["content"]
+    finally:
+        busy.stop()
+
+
+@pytest.mark.slow
+def test_the_default_model_served_answers_the_banner_s_question():
+    """What `make run` starts, asked what its banner shows."""
+    served = Server("default")
+    try:
+        answer = httpx.post(f"{served.url}/v1/openai/chat/completions", timeout=120, json={
+            "model": "default", "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]}).json()
+        assert "Paris" in answer["choices"][0]["message"]["content"]
+    finally:
+        served.stop()
