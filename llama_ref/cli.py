@@ -1,9 +1,11 @@
 """The `llama-ref` command line."""
 import argparse
+import json
 import sys
 import time
 
 from . import load_model
+from .assets import default_model
 from .errors import LlamaRefError
 from .explain import explain, format_trace, plot_trace
 from .sampling import PROFILES, SamplingParams
@@ -35,6 +37,17 @@ def sampling_params(args) -> SamplingParams:
                           max_new_tokens=args.max_new_tokens, profile=args.profile)
 
 
+def start_generation(model, args, params: SamplingParams):
+    """--chat / --system: the prompt as one user message in the model's chat format;
+    otherwise raw text (BOS added when the tokenizer asks) or ids."""
+    if args.chat or args.system is not None:
+        if args.prompt is None:
+            raise LlamaRefError("--chat: needs --prompt text, not --prompt-ids")
+        system = [] if args.system is None else [{"role": "system", "content": args.system}]
+        return model.chat(system + [{"role": "user", "content": args.prompt}], params)
+    return model.generate(prompt_ids(model, args), params)
+
+
 def cmd_generate(args) -> None:
     params = sampling_params(args)  # reject bad parameters and ids before the model loads
     if args.prompt_ids is not None:
@@ -42,15 +55,30 @@ def cmd_generate(args) -> None:
     started = time.perf_counter()
     model = load_model(args.model)
     loaded = time.perf_counter()
-    generation = model.generate(prompt_ids(model, args), params)
-    # Text in, text out; ids in, ids out (the end-of-sequence id included).
+    generation = start_generation(model, args, params)
+    # Text in, text out; ids in, ids out (the end-of-sequence id included); --json: one event a line.
     for event in generation:
-        print(event.delta if args.prompt_ids is None else f"{event.token_id} ", end="", flush=True)
-    print()
+        if args.json:
+            print(json.dumps({"token_id": event.token_id, "text": event.text, "delta": event.delta,
+                              "logprob": event.logprob, "special": event.special,
+                              "finish_reason": event.finish_reason}, ensure_ascii=False), flush=True)
+        else:
+            print(event.delta if args.prompt_ids is None else f"{event.token_id} ", end="", flush=True)
     done = time.perf_counter()
-    choice = generation.result().choices[0]
+    result = generation.result()
+    choice = result.choices[0]
+    if args.json:
+        print(json.dumps({"text": choice.text, "finish_reason": choice.finish_reason, "seed": choice.seed,
+                          "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+                         ensure_ascii=False))
+        return
+    print()
     print(f"[load {loaded - started:.2f} s, {len(choice.tokens)} tokens in {done - loaded:.2f} s, "
           f"finish: {choice.finish_reason}, seed: {choice.seed}]", file=sys.stderr)
+
+
+def cmd_fetch(args) -> None:
+    print(default_model())
 
 
 def cmd_explain(args) -> None:
@@ -97,7 +125,8 @@ def cmd_serve(args) -> None:
 
 
 def add_prompt_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="HF checkpoint directory (config.json + safetensors)")
+    parser.add_argument("--model", default="default",
+                        help="HF checkpoint directory, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="raw text; BOS is added when the tokenizer asks for it")
     prompt.add_argument("--prompt-ids", help='token ids instead of text, e.g. "1 450 7483"; prints the ids '
@@ -125,6 +154,9 @@ def main(argv=None) -> int:
     gen = commands.add_parser("generate", help="continue a prompt (greedy unless --temperature is set)")
     add_prompt_arguments(gen)
     add_sampling_arguments(gen)
+    gen.add_argument("--chat", action="store_true", help="format --prompt as a user message in the model's chat format")
+    gen.add_argument("--system", help="a system message (implies --chat)")
+    gen.add_argument("--json", action="store_true", help="one JSON event per line, then a summary line")
     gen.set_defaults(run=cmd_generate)
     audit = commands.add_parser("explain", help="what each sampling stage does to one step's distribution")
     add_prompt_arguments(audit)
@@ -132,6 +164,9 @@ def main(argv=None) -> int:
     audit.add_argument("--step", type=int, default=0, help="which generated token to explain (0 = the first)")
     audit.add_argument("--png", help="also save the stages as a bar chart")
     audit.set_defaults(run=cmd_explain)
+    fetch = commands.add_parser("fetch", help="download the default model once (SmolLM2-135M-Instruct, sha256-checked)")
+    fetch.add_argument("what", choices=["default"])
+    fetch.set_defaults(run=cmd_fetch)
     serve = commands.add_parser("serve", help="the native and OpenAI-compatible HTTP APIs",
                                 description="Serve a model over HTTP. Example: llama-ref serve --model default --port 8000")
     serve.add_argument("--model", default="default", help="HF directory, .gguf file, or 'default'")

@@ -1,6 +1,9 @@
 """The command line, run as a user runs it."""
+import json
 import subprocess
 import sys
+
+import pytest
 
 import torch
 
@@ -64,3 +67,20 @@ def test_seeded_sampling_is_reproducible_and_reports_its_seed(checkpoint):
 def test_text_prompt_needs_a_tokenizer(checkpoint):
     result = run_cli("generate", "--model", str(checkpoint("mha")), "--prompt", "hello")
     assert result.returncode == 2 and "has no tokenizer" in result.stderr
+
+
+def test_generate_json_events(checkpoint):
+    result = run_cli("generate", "--model", str(checkpoint("gqa")), "--prompt-ids", "1 5 9", "--max-new-tokens", "4",
+                     "--json")
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 0 and len(lines) == 5
+    assert [e["token_id"] for e in lines[:-1]] and lines[-1]["completion_tokens"] == 4
+    assert lines[-1]["finish_reason"] == "length" and lines[3]["finish_reason"] == "length"
+
+
+@pytest.mark.slow
+def test_fetch_then_chat_with_the_default_model_says_paris():
+    fetched = run_cli("fetch", "default")
+    assert fetched.returncode == 0 and fetched.stdout.strip().endswith(".gguf")
+    result = run_cli("generate", "--chat", "--prompt", "What is the capital of France?", "--temperature", "0")
+    assert result.returncode == 0 and "Paris" in result.stdout
