@@ -8,6 +8,7 @@ samples with seed + i, so response 0 equals the n = 1 run with the same seed (N1
 """
 from dataclasses import dataclass
 
+from .constrained import JSONObjectConstraint
 from .errors import ContextLengthError
 from .sampling import Sampler, SamplingParams, SamplingParamsError, SamplingTrace
 from .stopping import EOS, LENGTH, STOP_SEQUENCE, ResponseText
@@ -67,13 +68,19 @@ class Response:
         self.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
         self.text = ResponseText(params.stop)
         self.max_new_tokens = max_new_tokens
+        self.constraint = JSONObjectConstraint(self.tokenizer, model.config.vocab_size, self.eos_ids) \
+            if params.response_format == "json_object" else None
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
 
     def step(self, logits) -> TokenEvent:
         """Steps 2-15 for one row of logits (vocab,)."""
+        if self.constraint is not None:   # JSON mode: only tokens that keep the text a JSON object
+            logits = self.constraint.apply(logits, self.max_new_tokens - len(self.token_ids))
         sample = self.sampler.sample(logits)
         token = sample.token_id
+        if self.constraint is not None and token not in self.eos_ids:
+            self.constraint.accept(token)
         self.token_ids.append(token)
         special = self.tokenizer is not None and self.tokenizer.is_special(token)
         piece = self.detokenizer.add(token) if self.detokenizer else ""
@@ -106,6 +113,8 @@ class Generation:
             raise ContextLengthError("prompt: at least one token is needed")
         if params.stop and model.tokenizer is None:
             raise SamplingParamsError("stop: stop strings need the model's tokenizer, and this model has none")
+        if params.response_format != "text" and model.tokenizer is None:
+            raise SamplingParamsError("response_format: JSON mode needs the model's tokenizer, and this model has none")
         room = model.config.context_length - len(self.prompt_ids)
         if room < 0:
             raise ContextLengthError(f"prompt: {len(self.prompt_ids)} tokens do not fit in the model's context of "

@@ -55,6 +55,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0             # [0, 20]
     profile: str = "reference"
+    response_format: str = "text"     # "text" | "json_object" (constrained decoding, constrained.py)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -100,6 +101,11 @@ def _stop(params):
             raise SamplingParamsError(f"stop: every stop string must be a non-empty string, got {s!r}")
 
 
+def _response_format(params):
+    if params.response_format not in ("text", "json_object"):
+        raise SamplingParamsError(f"response_format must be 'text' or 'json_object', got {params.response_format!r}")
+
+
 def _profile(params):
     if params.profile not in PROFILES:
         raise SamplingParamsError(f"profile must be one of {', '.join(PROFILES)}; got {params.profile!r}")
@@ -115,7 +121,7 @@ _RULES = (
     _number("min_p", 0, 1), _number("repetition_penalty", 0.01, 5), _number("presence_penalty", -2, 2),
     _number("frequency_penalty", -2, 2), _stop, _integer("max_new_tokens", 0, 10**9, optional=True),
     _integer("n", 1, 2), _integer("seed", 0, 2**63 - 1, optional=True), _integer("top_logprobs", 0, 20),
-    _profile,
+    _profile, _response_format,
 )
 
 

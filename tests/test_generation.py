@@ -42,6 +42,9 @@ class PieceTokenizer(Tokenizer):
     def id_to_piece(self, token_id):
         return self.pieces[token_id]
 
+    def token_bytes(self, token_id):
+        return b"" if self.is_special(token_id) else self.pieces[token_id].encode()
+
 
 class ScriptedModel:
     """Duck-typed Model whose logits make greedy sampling emit `script` after any prompt."""

@@ -69,7 +69,6 @@ def client(server):
 
 
 SEED_MODELS = ["Gryphe/MythoMax-L2-13b", "01-ai/Yi-34B-Chat", "meta-llama/Llama-2-70b-chat-hf"]
-SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi 😀"}]
 
@@ -112,6 +111,15 @@ def test_n_2_choice_0_equals_n_1_and_logprobs(client):
     assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
 
 
+def test_json_mode_through_the_openai_client(client):
+    for seed in range(5):
+        kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=30, seed=seed, response_format={"type": "json_object"})
+        whole = client.chat.completions.create(**kwargs)
+        assert isinstance(json.loads(whole.choices[0].message.content), dict) and whole.choices[0].finish_reason == "stop"
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs))
+        assert streamed == whole.choices[0].message.content
+
+
 def test_completions_with_echo(client):
     whole = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=8, seed=2, echo=True)
     assert whole.choices[0].text.startswith("Once upon a time")
@@ -129,12 +137,11 @@ def curl(url, body):
                           capture_output=True, text=True, check=True, timeout=120).stdout
 
 
-@pytest.mark.parametrize("seed_file", ["openai-chat-api-mythomax.txt", "openai-chat-api-yi34b.txt"])
-def test_the_seeds_openai_curl_examples_run_verbatim(server, seed_file):
-    """Each curl command of the seed page, run by bash as written, with only the URL changed."""
-    text = (SEEDS / seed_file).read_text()
-    commands = re.findall(r"""curl "https://[^"]+/v1/openai/chat/completions".*?\n\s*\}'""", text, re.DOTALL)
-    assert len(commands) >= 2
+def test_the_seeds_openai_curl_examples_run_verbatim(server):
+    """Each curl command of the provider's chat docs, run by bash as written, the URL changed."""
+    text = (Path(__file__).parent / "data" / "seed_curl_commands.sh").read_text()
+    commands = re.findall(r"""^curl "https://[^"]+/v1/openai/chat/completions".*?\n\s*\}'""", text, re.DOTALL | re.M)
+    assert len(commands) == 6
     for command in commands:
         command = re.sub(r'"https://[^"]+/v1/openai', f'"{server.url}/v1/openai', command, count=1)
         out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=True, timeout=120,
@@ -230,6 +237,19 @@ def openai_error(response, status, param):
 def test_invalid_chat_requests_are_4xx_naming_the_field(server, change, param):
     body = {"model": "tiny", "messages": MESSAGES, **change}
     openai_error(httpx.post(f"{server.url}/v1/openai/chat/completions", json=body), 400, param)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(temperature=101), "temperature"), (dict(top_p=1.5), "top_p"), (dict(top_k=100_000), "top_k"),
+    (dict(min_p=-0.1), "min_p"), (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(num_responses=3), "num_responses"), (dict(seed=2**63), "seed"), (dict(stop=["x"] * 17), "stop"),
+    (dict(typo=True), "typo"), (dict(input=None), "input"), (dict(response_format={"type": "yaml"}), "response_format"),
+])
+def test_invalid_native_requests_are_4xx_naming_the_field(server, change, field):
+    response = httpx.post(f"{server.url}/v1/inference/tiny", json={"input": "hi", **change})
+    assert response.status_code == 400 and field in response.json()["error"], response.text
+    assert response.json()["error_type"] == "validation"
 
 
 def test_unknown_model_context_overflow_and_malformed_bodies(server):

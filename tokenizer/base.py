@@ -51,6 +51,11 @@ class Tokenizer(ABC):
     def id_to_piece(self, token_id: int) -> str:
         """The vocabulary entry as stored ("▁Hello", "<0x0A>", "</s>")."""
 
+    @abstractmethod
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes this token adds to the text wherever it stands (b" Hello" for "▁Hello",
+        b"\\x0a" for "<0x0A>"), b"" for control tokens: what a grammar engine matches."""
+
     @cached_property
     def special_pieces(self) -> dict[str, int]:
         """Control tokens by their text ("</s>" -> 2): how a chat template's markers become ids."""

@@ -1,4 +1,6 @@
 """HF `tokenizer.json` files through the `tokenizers` library."""
+import json
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizerObject
@@ -23,6 +25,9 @@ class HFTokenizer(Tokenizer):
         self.add_bos = add_bos
         self.chat_template = chat_template
         self._special = frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
+        # Byte-level BPE (GPT-2, SmolLM2) spells each byte as one printable character;
+        # SentencePiece-style files write "▁" for a space and "<0xNN>" for a raw byte.
+        self._byte_level = "ByteLevel" in json.dumps(json.loads(tokenizer.to_str()).get("decoder"))
 
     @property
     def vocab_size(self) -> int:
@@ -39,3 +44,22 @@ class HFTokenizer(Tokenizer):
 
     def id_to_piece(self, token_id: int) -> str:
         return self._tok.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self._tok.id_to_token(token_id)
+        if token_id in self._special:
+            return b""
+        if self._byte_level:
+            return bytes(BYTE_OF_CHAR[ch] for ch in piece)
+        raw = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        return bytes([int(raw.group(1), 16)]) if raw else piece.replace("▁", " ").encode()
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's printable stand-in for each byte (its bytes_to_unicode table), inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+BYTE_OF_CHAR = byte_level_alphabet()

@@ -54,3 +54,11 @@ class SentencePieceTokenizer(Tokenizer):
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self._sp.id_to_piece(token_id)
+        if self._sp.is_byte(token_id):
+            return bytes([int(piece[3:5], 16)])          # "<0x0A>"
+        if self._sp.is_control(token_id) or self._sp.is_unknown(token_id):
+            return b""
+        return piece.replace("▁", " ").encode()

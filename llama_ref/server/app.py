@@ -53,13 +53,11 @@ def request_id(prefix: str = "") -> str:
 
 
 def sampling_params(body: Sampling, temperature: float, max_new_tokens: int | None, n: int, **extra) -> SamplingParams:
-    if body.response_format.type == "json_object":
-        raise APIError(400, "response_format: {'type': 'json_object'} is not supported yet", "response_format")
     stops = [body.stop] if isinstance(body.stop, str) else body.stop
     return SamplingParams(temperature=temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                           repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
                           frequency_penalty=body.frequency_penalty, stop=tuple(stops), seed=body.seed,
-                          max_new_tokens=max_new_tokens, n=n, **extra)
+                          max_new_tokens=max_new_tokens, n=n, response_format=body.response_format.type, **extra)
 
 
 def create_app(settings: ServerSettings, model) -> FastAPI:
