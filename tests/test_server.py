@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -29,10 +30,11 @@ class Server:
     def __init__(self, model_dir, *args):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llama_ref.cli", "serve", "--model", str(model_dir), "--port", str(self.port),
              "--served-model-name", "tiny", "--alias", "default=tiny", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=self.log, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
@@ -41,12 +43,18 @@ class Server:
             except httpx.TransportError:
                 time.sleep(0.2)
             if self.process.poll() is not None:
-                raise RuntimeError(self.process.stderr.read())
+                raise RuntimeError(self.output())
         raise RuntimeError("the server did not start")
 
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
     def stop(self):
+        """Stop the server; no request may have ended in an unhandled error (a 500)."""
         self.process.terminate()
         self.process.wait(timeout=30)
+        assert "Traceback" not in self.output() and " 500 " not in self.output(), self.output()
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +117,56 @@ def test_n_2_choice_0_equals_n_1_and_logprobs(client):
     content = scored.choices[0].logprobs.content
     assert len(content) == scored.usage.completion_tokens
     assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    streamed = [c for c in client.chat.completions.create(logprobs=True, top_logprobs=3, stream=True, **kwargs)
+                if c.choices and c.choices[0].logprobs]
+    assert [t.logprob for c in streamed for t in c.choices[0].logprobs.content] == [t.logprob for t in content]
 
 
 def test_json_mode_through_the_openai_client(client):
-    for seed in range(5):
-        kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=30, seed=seed, response_format={"type": "json_object"})
+    """50 seeded requests on random weights: every answer parses and finishes with stop."""
+    for seed in range(50):
+        kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=20 + seed % 20, seed=seed,
+                      response_format={"type": "json_object"})
         whole = client.chat.completions.create(**kwargs)
-        assert isinstance(json.loads(whole.choices[0].message.content), dict) and whole.choices[0].finish_reason == "stop"
-        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs))
-        assert streamed == whole.choices[0].message.content
+        assert isinstance(json.loads(whole.choices[0].message.content), dict), whole.choices[0].message.content
+        assert whole.choices[0].finish_reason == "stop"
+        if seed < 5:
+            streamed = client.chat.completions.create(stream=True, **kwargs)
+            assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole.choices[0].message.content
+
+
+def masked(event: dict) -> dict:
+    """An event with the values that vary per run replaced by their types."""
+    return {k: masked(v) if isinstance(v, dict) else [masked(x) if isinstance(x, dict) else type(x).__name__ for x in v]
+            if isinstance(v, list) else v if k in ("object", "role", "finish_reason", "special") or v is None
+            else type(v).__name__ for k, v in event.items()}
+
+
+def test_raw_sse_bytes_have_the_documented_shapes(server):
+    native = httpx.post(f"{server.url}/v1/inference/tiny", json={"input": "hi", "max_new_tokens": 2, "stream": True,
+                                                                 "temperature": 0}).text
+    assert native.endswith("\n\n") and "\r" not in native
+    events = [json.loads(block[len("data: "):]) for block in native.strip().split("\n\n")]
+    assert [masked(e) for e in events] == [
+        {"token": {"id": "int", "text": "str", "logprob": "float", "special": False}, "generated_text": None,
+         "details": None},
+        {"token": {"id": "int", "text": "str", "logprob": "float", "special": events[1]["token"]["special"]},
+         "generated_text": "str", "details": {"finish_reason": events[1]["details"]["finish_reason"],
+                                              "generated_tokens": "int", "input_tokens": "int", "seed": None}}]
+    chat = httpx.post(f"{server.url}/v1/openai/chat/completions", json={
+        "model": "tiny", "messages": MESSAGES, "max_tokens": 1, "stream": True, "temperature": 0,
+        "stream_options": {"include_usage": True}}).text
+    blocks = chat.strip().split("\n\n")
+    assert blocks[-1] == "data: [DONE]"
+    chunks = [masked(json.loads(block[len("data: "):])) for block in blocks[:-1]]
+    head = {"id": "str", "object": "chat.completion.chunk", "created": "int", "model": "str"}
+    assert chunks[0] == {**head, "choices": [{"index": "int", "delta": {"role": "assistant", "content": "str"},
+                                              "logprobs": None, "finish_reason": None}]}
+    finish = chunks[-2]["choices"][0]["finish_reason"]
+    assert finish in ("stop", "length") and chunks[-2] == {
+        **head, "choices": [{"index": "int", "delta": {}, "logprobs": None, "finish_reason": finish}]}
+    assert chunks[-1] == {**head, "choices": [], "usage": {"prompt_tokens": "int", "completion_tokens": "int",
+                                                           "total_tokens": "int", "estimated_cost": "float"}}
 
 
 def test_completions_with_echo(client):
