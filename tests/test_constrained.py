@@ -2,7 +2,6 @@
 engine sees against the tokenizers, and seeded generations that always parse."""
 import json
 
-import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 

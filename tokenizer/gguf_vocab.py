@@ -12,7 +12,6 @@
   loader builds it.
 """
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
