@@ -5,8 +5,9 @@ import sys
 import time
 
 from . import load_model
-from .assets import default_model
-from .errors import LlamaRefError
+from .assets import AssetError, default_model
+from .errors import CheckpointError, ConfigError, LlamaRefError
+from .tokenizer import TokenizerError
 from .explain import explain, format_trace, plot_trace
 from .sampling import PROFILES, SamplingParams
 
@@ -75,6 +76,45 @@ def cmd_generate(args) -> None:
     print()
     print(f"[load {loaded - started:.2f} s, {len(choice.tokens)} tokens in {done - loaded:.2f} s, "
           f"finish: {choice.finish_reason}, seed: {choice.seed}]", file=sys.stderr)
+
+
+CHAT_HELP = "/reset forgets the conversation, /system TEXT sets the system message, /exit (or Ctrl-D) quits; " \
+            "Ctrl-C stops an answer"
+
+
+def cmd_chat(args) -> None:
+    """An interactive conversation in the terminal, streamed; Ctrl-C ends the answer, not the program."""
+    params = sampling_params(args)
+    model = load_model(args.model)
+    system, history = args.system, []
+    print(f"[{args.model}: {CHAT_HELP}]", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = []
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system"):].strip() or None
+            continue
+        if not line.strip():
+            continue
+        messages = ([{"role": "system", "content": system}] if system else []) + history + \
+            [{"role": "user", "content": line}]
+        answer = ""
+        try:
+            for event in model.chat(messages, params):
+                answer += event.delta
+                print(event.delta, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        print()
+        history = messages[1 if system else 0:] + [{"role": "assistant", "content": answer}]
 
 
 def cmd_fetch(args) -> None:
@@ -164,6 +204,11 @@ def main(argv=None) -> int:
     audit.add_argument("--step", type=int, default=0, help="which generated token to explain (0 = the first)")
     audit.add_argument("--png", help="also save the stages as a bar chart")
     audit.set_defaults(run=cmd_explain)
+    chat = commands.add_parser("chat", help="talk to a model in the terminal", description=CHAT_HELP)
+    chat.add_argument("--model", default="default", help="HF checkpoint directory, .gguf file, or 'default'")
+    chat.add_argument("--system", help="the system message")
+    add_sampling_arguments(chat)
+    chat.set_defaults(run=cmd_chat, max_new_tokens=512)
     fetch = commands.add_parser("fetch", help="download the default model once (SmolLM2-135M-Instruct, sha256-checked)")
     fetch.add_argument("what", choices=["default"])
     fetch.set_defaults(run=cmd_fetch)
@@ -178,12 +223,16 @@ def main(argv=None) -> int:
     serve.add_argument("--price-per-mtoken", type=float, default=0.0, help="dollars per million tokens (usage cost)")
     serve.add_argument("--max-queue", type=int, default=8, help="requests running or waiting before 503")
     serve.set_defaults(run=cmd_serve)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:
         args.run(args)
     except LlamaRefError as err:
+        if args.debug:
+            raise
         print(f"llama-ref: error: {err}", file=sys.stderr)
-        return 2
+        # A bad model or file is 1; a bad flag or parameter is 2, as argparse's own errors.
+        return 1 if isinstance(err, (CheckpointError, ConfigError, TokenizerError, AssetError)) else 2
     return 0
 
 

@@ -25,12 +25,40 @@ def test_generate_prints_transformers_greedy_tokens(checkpoint):
     assert [int(t) for t in result.stdout.split()] == expected.tolist()
 
 
-def test_errors_are_one_line_without_traceback(tmp_path):
+def test_errors_are_one_line_without_traceback_unless_debug(tmp_path):
     result = run_cli("generate", "--model", str(tmp_path / "missing"), "--prompt-ids", "1")
-    assert result.returncode == 2
+    assert result.returncode == 1    # a bad model or file
     assert result.stderr.startswith("llama-ref: error: ") and "Traceback" not in result.stderr
     result = run_cli("generate", "--model", str(tmp_path), "--prompt-ids", "1 x")
-    assert result.returncode == 2 and "--prompt-ids: expected integers" in result.stderr
+    assert result.returncode == 2 and "--prompt-ids: expected integers" in result.stderr   # a bad flag
+    result = run_cli("--debug", "generate", "--model", str(tmp_path / "missing"), "--prompt-ids", "1")
+    assert result.returncode == 1 and "Traceback" in result.stderr and "CheckpointError" in result.stderr
+
+
+def test_interactive_chat_streams_and_survives_ctrl_c(tmp_path):
+    import pexpect
+    from llama_ref.synth import llama2_tokenizer_model
+    from conftest import make_checkpoint
+
+    directory = make_checkpoint(tmp_path / "m", overrides=dict(vocab_size=32000, eos_token_id=None,
+                                                               max_position_embeddings=4096))
+    (directory / "tokenizer.model").write_bytes(llama2_tokenizer_model())
+    chat = pexpect.spawn(sys.executable, ["-m", "llama_ref.cli", "chat", "--model", str(directory),
+                                          "--max-new-tokens", "3000", "--temperature", "1", "--seed", "1"],
+                         encoding="utf-8", timeout=120)
+    chat.expect("> ")
+    chat.sendline("Tell me a very long story")
+    chat.expect("story\r\n")           # the terminal's echo of the line
+    chat.expect(r"\S")                 # then the answer streams
+    chat.sendintr()                    # Ctrl-C in the middle of it
+    chat.expect(r"\[stopped\]")
+    chat.expect("> ")                   # and the program asks for the next turn
+    chat.sendline("/system Be brief.")
+    chat.expect("> ")
+    chat.sendline("/exit")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
 
 
 def test_generate_text_with_the_model_tokenizer(tmp_path, mistral_spm_model):
