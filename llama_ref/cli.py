@@ -10,6 +10,7 @@ from .errors import CheckpointError, ConfigError, LlamaRefError
 from .tokenizer import TokenizerError
 from .explain import explain, format_trace, plot_trace
 from .sampling import PROFILES, SamplingParams
+from .synth import SHAPES, write_synthetic_gptq
 
 
 def parse_ids(text: str) -> list[int]:
@@ -117,6 +118,10 @@ def cmd_chat(args) -> None:
         history = messages[1 if system else 0:] + [{"role": "assistant", "content": answer}]
 
 
+def cmd_synth(args) -> None:
+    print(write_synthetic_gptq(args.output, args.shape, args.layers, args.seed))
+
+
 def cmd_fetch(args) -> None:
     print(default_model())
 
@@ -202,13 +207,21 @@ def main(argv=None) -> int:
     add_prompt_arguments(audit)
     add_sampling_arguments(audit)
     audit.add_argument("--step", type=int, default=0, help="which generated token to explain (0 = the first)")
-    audit.add_argument("--png", help="also save the stages as a bar chart")
+    audit.add_argument("--png", "--plot", dest="png", help="also save the stages as a bar chart (PNG)")
     audit.set_defaults(run=cmd_explain)
     chat = commands.add_parser("chat", help="talk to a model in the terminal", description=CHAT_HELP)
     chat.add_argument("--model", default="default", help="HF checkpoint directory, .gguf file, or 'default'")
     chat.add_argument("--system", help="the system message")
     add_sampling_arguments(chat)
     chat.set_defaults(run=cmd_chat, max_new_tokens=512)
+    synth = commands.add_parser(
+        "synth", help="write a random 4-bit GPTQ checkpoint of a real model's shape (for benchmarks)",
+        description="Example: llama-ref synth --shape llama-2-13b --layers 2 /tmp/synth-13b-2")
+    synth.add_argument("output", help="directory to create (must not exist)")
+    synth.add_argument("--shape", default="llama-2-13b", choices=SHAPES)
+    synth.add_argument("--layers", type=int, help="only the first N layers")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(run=cmd_synth)
     fetch = commands.add_parser("fetch", help="download the default model once (SmolLM2-135M-Instruct, sha256-checked)")
     fetch.add_argument("what", choices=["default"])
     fetch.set_defaults(run=cmd_fetch)

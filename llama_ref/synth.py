@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import LlamaRefError
+
 SHAPES = {  # Meta's published Llama-2 configurations
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32),
@@ -98,8 +100,10 @@ def write_synthetic_gptq(directory, shape: str = "llama-2-13b", layers: int | No
     """Write the checkpoint to `directory` (which must not exist) and return it, with Llama-2's
     tokenizer.model unless another is given."""
     if shape not in SHAPES:
-        raise ValueError(f"shape: one of {', '.join(SHAPES)}, got {shape!r}")
+        raise LlamaRefError(f"shape: one of {', '.join(SHAPES)}, got {shape!r}")
     directory = Path(directory)
+    if directory.exists():
+        raise LlamaRefError(f"{directory}: already exists; synth writes a new directory")
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
               "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "float16",
               "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, **SHAPES[shape]}

@@ -25,3 +25,9 @@ def test_a_synthetic_llama_2_7b_layer_is_a_standard_gptq_checkpoint(tmp_path):
     assert model.tokenizer.encode("Hello", bos=True, eos=False) == [1, 15043]   # Llama-2's vocabulary
     logits = model.forward([1, 450, 7483], 0, model.new_cache(8))
     assert np.isfinite(logits).all() and logits.std() > 0.1
+
+
+def test_the_synth_command_refuses_an_existing_directory(tmp_path):
+    from test_cli import run_cli
+    result = run_cli("synth", "--shape", "llama-2-7b", "--layers", "1", str(tmp_path))
+    assert result.returncode == 2 and "already exists" in result.stderr
