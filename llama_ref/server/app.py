@@ -191,15 +191,7 @@ def create_app(settings: ServerSettings, model) -> FastAPI:
         params = openai_params(body, top_logprobs=body.top_logprobs)
         generation = model.chat([m.model_dump(include={"role", "content"}) for m in body.messages], params)
         response = ChatShape(request_id("chatcmpl-"), int(time.time()), body.model, body.logprobs, model.tokenizer)
-        events = admitted(generation)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventSourceResponse(openai_stream(generation, events, response, include_usage), sep="\n")
-        async for _ in events:
-            pass
-        result = generation.result()
-        return {**response.header("chat.completion"), "choices": [response.choice(c) for c in result.choices],
-                "usage": usage(result)}
+        return await openai_response(body, generation, response, "chat.completion")
 
     @app.post("/v1/completions")
     @app.post("/v1/openai/completions")
@@ -211,6 +203,10 @@ def create_app(settings: ServerSettings, model) -> FastAPI:
         generation = model.generate(prompts[0], params)
         response = CompletionShape(request_id("cmpl-"), int(time.time()), body.model, body.logprobs is not None,
                                    model.tokenizer, echo=prompts[0] if body.echo else "")
+        return await openai_response(body, generation, response, "text_completion")
+
+    async def openai_response(body: OpenAIRequest, generation, response, kind: str):
+        """The SSE stream, or the whole body, of a chat or text completion."""
         events = admitted(generation)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -218,7 +214,7 @@ def create_app(settings: ServerSettings, model) -> FastAPI:
         async for _ in events:
             pass
         result = generation.result()
-        return {**response.header("text_completion"), "choices": [response.choice(c) for c in result.choices],
+        return {**response.header(kind), "choices": [response.choice(c) for c in result.choices],
                 "usage": usage(result)}
 
     async def openai_stream(generation, events, response, include_usage):
