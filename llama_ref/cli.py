@@ -1,14 +1,19 @@
 """The `llama-ref` command line."""
 import argparse
 import json
+import os
 import sys
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 from . import load_model
 from .assets import AssetError, default_model
-from .errors import CheckpointError, ConfigError, LlamaRefError
+from .errors import CheckpointError, ConfigError, InputFileError, LlamaRefError
 from .tokenizer import TokenizerError
 from .explain import explain, format_trace, plot_trace
+from .perplexity import perplexity
+from .quantize import QuantizeSettings, quantize
 from .sampling import PROFILES, SamplingParams
 from .synth import SHAPES, write_synthetic_gptq
 
@@ -122,8 +127,46 @@ def cmd_synth(args) -> None:
     print(write_synthetic_gptq(args.output, args.shape, args.layers, args.seed))
 
 
+def read_text(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputFileError(f"{flag} {path}: cannot be read as text ({err})") from None
+
+
+def cmd_quantize(args) -> None:
+    settings = QuantizeSettings(method=args.method, group_size=args.group_size, act_order=args.act_order,
+                                sym=not args.asym, damp=args.damp, checkpoint_format=args.format)
+    text = None if args.calibration is None else read_text(args.calibration, "--calibration")
+    if Path(args.output).exists():
+        raise LlamaRefError(f"{args.output}: already exists; quantize writes a new directory")
+    model = load_model(args.model)
+    report = quantize(model, args.output, settings, text, args.samples, args.seq_len,
+                      source=default_model() if args.model == "default" else args.model, progress=True)
+    print(json.dumps({"output": args.output, **report}))
+
+
+def cmd_perplexity(args) -> None:
+    text = read_text(args.text, "--text")
+    model = load_model(args.model)
+    if model.tokenizer is None:
+        raise LlamaRefError(f"{args.model}: perplexity needs the model's tokenizer")
+    ids = model.tokenizer.encode(text, bos=model.tokenizer.add_bos, eos=False)[:args.max_tokens]
+    result = perplexity(model, ids, args.ctx, args.stride or args.ctx)
+    print(json.dumps({"model": args.model, "text": args.text, "context": args.ctx, "stride": args.stride or args.ctx,
+                      **asdict(result)}))
+
+
+def cmd_bench(args) -> None:
+    from .bench import bench, format_report
+    report = bench(args.runs, args.threads, args.layers, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
 def cmd_fetch(args) -> None:
-    print(default_model())
+    print(default_model(progress=True))
 
 
 def cmd_explain(args) -> None:
@@ -236,16 +279,55 @@ def main(argv=None) -> int:
     serve.add_argument("--price-per-mtoken", type=float, default=0.0, help="dollars per million tokens (usage cost)")
     serve.add_argument("--max-queue", type=int, default=8, help="requests running or waiting before 503")
     serve.set_defaults(run=cmd_serve)
+    quant = commands.add_parser(
+        "quantize", help="GPTQ (or round-to-nearest) 4-bit quantization into a standard GPTQ checkpoint",
+        description="Examples:\n  llama-ref quantize default /tmp/smollm2-gptq --group-size 64 --act-order\n"
+                    "  llama-ref quantize ./llama-2-7b-hf ./llama-2-7b-gptq --calibration corpus.txt --samples 128",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    quant.add_argument("model", help="source: HF checkpoint directory, .gguf file, or 'default'")
+    quant.add_argument("output", help="directory to create (must not exist); written whole or not at all")
+    quant.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
+    quant.add_argument("--bits", type=int, default=4, choices=[4])
+    quant.add_argument("--group-size", type=int, default=128, help="inputs per scale; -1 for one group per row")
+    quant.add_argument("--act-order", action="store_true", help="quantize inputs by descending Hessian diagonal")
+    symmetry = quant.add_mutually_exclusive_group()
+    symmetry.add_argument("--sym", action="store_true", default=True, help="zero point 8 (the default)")
+    symmetry.add_argument("--asym", action="store_true", help="a zero point per group")
+    quant.add_argument("--damp", type=float, default=0.01, help="dampening, a fraction of mean(diag H)")
+    quant.add_argument("--calibration", help="a text file (default: the bundled Alice in Wonderland)")
+    quant.add_argument("--samples", type=int, default=128, help="calibration windows")
+    quant.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
+    quant.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2"], help="v1 or v2 zero points")
+    quant.set_defaults(run=cmd_quantize)
+    ppl = commands.add_parser("perplexity", help="sliding-window perplexity of a model on a text file",
+                              description="Example: llama-ref perplexity default --text book.txt --ctx 512 --stride 256")
+    ppl.add_argument("model", help="HF checkpoint directory, .gguf file, or 'default'")
+    ppl.add_argument("--text", required=True, help="a UTF-8 text file")
+    ppl.add_argument("--ctx", type=int, default=512, help="tokens per window")
+    ppl.add_argument("--stride", type=int, help="tokens the window advances (default: --ctx, no overlap)")
+    ppl.add_argument("--max-tokens", type=int, help="only the first N tokens of the text")
+    ppl.set_defaults(run=cmd_perplexity)
+    speed = commands.add_parser(
+        "bench", help="decode/prefill speed, load time and peak RSS beside llama.cpp on the same shapes",
+        description="Example: llama-ref bench --runs 3  (a 13B-shaped GPTQ and Q4_0 pair, and the default model)")
+    speed.add_argument("--runs", type=int, default=3, help="clean runs per engine and case (medians reported)")
+    speed.add_argument("--threads", type=int, default=os.cpu_count())
+    speed.add_argument("--layers", type=int, help="only the first N layers of the 13B shape (a quick check)")
+    speed.add_argument("--json", help="also write the full report to this file")
+    speed.set_defaults(run=cmd_bench)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:
         args.run(args)
+    except KeyboardInterrupt:
+        print("llama-ref: interrupted", file=sys.stderr)
+        return 130
     except LlamaRefError as err:
         if args.debug:
             raise
         print(f"llama-ref: error: {err}", file=sys.stderr)
         # A bad model or file is 1; a bad flag or parameter is 2, as argparse's own errors.
-        return 1 if isinstance(err, (CheckpointError, ConfigError, TokenizerError, AssetError)) else 2
+        return 1 if isinstance(err, (CheckpointError, ConfigError, TokenizerError, AssetError, InputFileError)) else 2
     return 0
 
 

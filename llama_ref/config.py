@@ -6,7 +6,7 @@ names it; keys that do not change the math (dropout, initializer_range, use_cach
 ignored.
 """
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import ConfigError
@@ -111,6 +111,26 @@ class ModelConfig:
         if config.head_dim % 2:
             raise ConfigError(f"{source}: head_dim must be even for RoPE, got {config.head_dim}")
         return config
+
+    def to_hf_dict(self) -> dict:
+        """The config.json transformers writes for this model (the inverse of from_dict)."""
+        raw = {"architectures": [self.architecture], "model_type": ARCHITECTURES[self.architecture],
+               "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+               "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+               "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+               "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+               "rope_theta": self.rope_theta, "max_position_embeddings": self.max_position_embeddings,
+               "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+               "mlp_bias": self.mlp_bias, "bos_token_id": self.bos_token_id,
+               "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else
+               (self.eos_token_ids[0] if self.eos_token_ids else None)}
+        if self.rope_scaling is not None:
+            raw["rope_scaling"] = {key: value for key, value in asdict(self.rope_scaling).items() if value is not None}
+        if self.sliding_window is not None:
+            raw["sliding_window"] = self.sliding_window
+        if self.torch_dtype is not None:
+            raw["torch_dtype"] = self.torch_dtype
+        return raw
 
 
 def _architecture(raw: dict, source: str) -> str:

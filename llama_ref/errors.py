@@ -15,3 +15,7 @@ class CheckpointError(LlamaRefError, ValueError):
 
 class ContextLengthError(LlamaRefError, ValueError):
     """The tokens do not fit in the model's context or in the KV cache."""
+
+
+class InputFileError(LlamaRefError, ValueError):
+    """A file given as input (calibration or evaluation text) is missing or unreadable."""

@@ -1,9 +1,13 @@
 """Building a Model from a GGUF file (llama.cpp's format) with the `gguf` package.
 
 - Config from the `llama.*` metadata; tokenizer and chat template from `tokenizer.ggml.*`.
-- F32/F16/BF16 tensors are used as stored; Q8_0, Q4_0 and Q4_1 stay block-quantized and run
-  through kernels/ggml.py; any other type (the K-quants, Q5_*) is dequantized with
-  gguf.quants.dequantize to fp16 at load, which costs memory and speed but not correctness.
+- F32/F16/BF16 tensors are used as stored; Q8_0 stays block-quantized and runs through
+  kernels/ggml.py. Q4_0 and Q4_1 linears are re-laid out once at load for the 4-bit kernels
+  of kernels/gptq.py (the same codes and fp16 scales, group size 32, the block's offset m
+  as a per-group min; the same bytes), which are several times faster than a per-row block
+  kernel; a Q4 embedding table is also kept as stored for its row lookups. Any other type
+  (the K-quants, Q5_*) is dequantized with gguf.quants.dequantize to fp16 at load, which
+  costs memory and speed but not correctness.
 - llama.cpp's converter permutes the rows of attn_q and attn_k within each head, from HF's
   rotate-half pairs (i, i + d/2) to interleaved pairs (2i, 2i + 1); the permutation is
   undone here (rope.interleaved_to_half), so the forward pass is the same as for HF files.
@@ -15,12 +19,14 @@ import numpy as np
 
 from .config import ModelConfig, RopeScaling
 from .errors import CheckpointError, ConfigError
-from .kernels.ggml import BLOCK_BYTES
-from .linear import DenseLinear, GGUFLinear
+from .gptq import PackedLayer
+from .kernels.ggml import BLOCK, BLOCK_BYTES
+from .kernels.gptq import block_columns, pack_rows, pad_columns
+from .linear import DenseLinear, GGUFLinear, GPTQLinear
 from .model import Layer, Model, Weights
 from .rope import interleaved_to_half
 from .tokenizer import load_gguf_tokenizer
-from .weights import StoredTensor
+from .weights import StoredTensor, release_pages
 
 LAYER_NAMES = {"attn_norm": "attention_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
                "ffn_norm": "ffn_norm", "ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3"}
@@ -76,16 +82,53 @@ def stored(tensor, data: np.ndarray | None = None) -> StoredTensor:
     return StoredTensor(tensor.name, DENSE[tensor.tensor_type], data if data.dtype == np.float32 else data.view(np.uint16))
 
 
+def q4_layer(data: np.ndarray, kind: str) -> PackedLayer:
+    """A Q4_0 or Q4_1 tensor (out, in / 32 * block bytes) as the 4-bit kernels take it: its
+    codes packed as GPTQ words, one group per block of 32 inputs, d as the group's scale and
+    m as its offset (Q4_0 has none stored: m = -8 · d, exact in fp16)."""
+    out = data.shape[0]
+    blocks = data.reshape(out, -1, BLOCK_BYTES[kind])                             # (out, in/32, bytes)
+    scales = np.ascontiguousarray(blocks[..., 0:2]).view(np.uint16)[..., 0]       # (out, in/32) fp16 bits
+    if kind == "Q4_1":
+        mins = np.ascontiguousarray(blocks[..., 2:4]).view(np.uint16)[..., 0]
+    else:
+        mins = (scales.view(np.float16) * np.float16(-8)).view(np.uint16)
+    nibbles = blocks[..., 4 if kind == "Q4_1" else 2:]                            # (out, in/32, 16)
+    codes = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).reshape(out, -1)  # (out, in), ggml's order
+    packed = block_columns(pack_rows(codes.T).view(np.uint32))
+    release_pages(data)
+    columns, groups = packed.shape[0] * packed.shape[2], codes.shape[1] // BLOCK
+    return PackedLayer(packed, pad_columns(scales.T, columns), "F16", pad_columns(mins.T, columns),
+                       np.arange(groups + 1, dtype=np.int64) * BLOCK, None, out, with_min=True)
+
+
 def gguf_linear(tensor, rows: np.ndarray | None = None):
     """A Linear over one GGUF tensor (out, in), its rows reordered when `rows` is given."""
     data = tensor.data if rows is None else np.ascontiguousarray(tensor.data[rows])
+    kind = tensor.tensor_type.name
     if tensor.tensor_type in DENSE:
         return DenseLinear(stored(tensor, data))
-    if tensor.tensor_type.name in BLOCK_BYTES:
-        return GGUFLinear(tensor.name, data, tensor.tensor_type.name)
+    if kind in ("Q4_0", "Q4_1"):
+        return GPTQLinear(tensor.name, q4_layer(data, kind))
+    if kind in BLOCK_BYTES:
+        return GGUFLinear(tensor.name, data, kind)
+    return DenseLinear(StoredTensor(tensor.name, "F16", dequantized_f16(tensor, rows)))
+
+
+def dequantized_f16(tensor, rows: np.ndarray | None = None) -> np.ndarray:
+    """Any other type, through gguf.quants: (out, in) fp16 bits."""
     dequantized = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     dequantized = dequantized if rows is None else dequantized[rows]
-    return DenseLinear(StoredTensor(tensor.name, "F16", dequantized.astype(np.float16).view(np.uint16)))
+    return dequantized.astype(np.float16).view(np.uint16)
+
+
+def embedding_table(tensor):
+    """The token embedding for row lookups: as stored when dense or block-quantized."""
+    if tensor.tensor_type in DENSE:
+        return stored(tensor)
+    if tensor.tensor_type.name in BLOCK_BYTES:
+        return GGUFLinear(tensor.name, tensor.data, tensor.tensor_type.name)
+    return StoredTensor(tensor.name, "F16", dequantized_f16(tensor))
 
 
 def vector(tensor) -> np.ndarray:
@@ -121,9 +164,8 @@ def load_gguf(path: str | Path) -> Model:
             else:
                 parts[meta] = gguf_linear(tensor)
         layers.append(Layer(**parts))
-    embedding = gguf_linear(get("token_embd.weight"))
-    table = embedding if isinstance(embedding, GGUFLinear) else stored(get("token_embd.weight"))
-    output = embedding if config.tie_word_embeddings else gguf_linear(get("output.weight"))
+    table = embedding_table(get("token_embd.weight"))
+    output = gguf_linear(get("output.weight" if "output.weight" in tensors else "token_embd.weight"))
     weights = Weights(tok_embeddings=table, layers=tuple(layers), norm=vector(get("output_norm.weight")),
                       output=output)
     return Model(config, weights, load_gguf_tokenizer(reader))

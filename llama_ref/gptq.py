@@ -17,6 +17,9 @@ Decisions:
 - g_idx missing or all zero: row i is in group i // group_size (exllama does the same).
 - act-order (any other g_idx): rows are sorted by group once at load, codes repacked, and
   x is permuted the same way at every call, so each group is one contiguous run of rows.
+- The packed words are copied once at load into the kernels' blocked layout (64 output
+  columns per contiguous block) and the file's mapped pages are released, so the copy does
+  not add to the resident size.
 """
 import json
 import warnings
@@ -26,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError, ConfigError
-from .kernels.gptq import CODES_PER_WORD, pack_rows, unpack_columns, unpack_rows
-from .weights import StoredTensor
+from .kernels.gptq import CODES_PER_WORD, block_columns, pack_rows, pad_columns, unpack_columns, unpack_rows
+from .weights import StoredTensor, release_pages
 
 CONFIG_FILES = ("quantize_config.json", "quant_config.json")
 FORMATS = {"gptq": 1, "gptq_v2": 2}
@@ -79,16 +82,15 @@ def find_gptq_config(directory: Path, raw_config: dict, tensor_names) -> GPTQCon
 
 @dataclass(frozen=True)
 class PackedLayer:
-    """One quantized Linear in the kernels' order (see kernels/gptq.py)."""
-    words: np.ndarray          # (in/8, out) uint32, rows sorted by group
-    scales: np.ndarray         # (groups, out) float32
-    zeros: np.ndarray          # (groups, out) float32, the true zero points
+    """One quantized Linear in the kernels' order and layout (see kernels/gptq.py)."""
+    blocks: np.ndarray         # (out/64, in/8, 64) uint32, rows sorted by group, columns padded to 64
+    scales: np.ndarray         # (groups, out padded) as stored: fp16/bf16 bits (uint16) or float32
+    scale_storage: str         # "F16" | "BF16" | "F32"
+    zeros: np.ndarray          # (groups, out padded) uint8, the true zero points (or mins, below)
     group_starts: np.ndarray   # (groups + 1,) int64, multiples of 8
     permutation: np.ndarray | None  # (in,) input rows in kernel order; None when already in order
-
-    @property
-    def scaled_zeros(self) -> np.ndarray:
-        return self.scales * self.zeros
+    out_features: int
+    with_min: bool = False     # zeros holds fp16 offsets m: W = scale · code + m (GGUF Q4_0/Q4_1)
 
 
 def group_index(g_idx: np.ndarray | None, in_features: int, groups: int, group_size: int) -> np.ndarray:
@@ -122,7 +124,7 @@ def prepare_layer(prefix: str, qweight: StoredTensor, qzeros: StoredTensor, scal
         warnings.warn(f"{prefix}: v1 zero point nibble 0xF (a zero point of 0 written as -1, which also corrupts "
                       "the higher nibbles of its word); read as 16, as GPTQ-for-LLaMa's CUDA kernel and exllama do",
                       stacklevel=2)
-    zeros = stored.astype(np.float32) + (1.0 if config.version == 1 else 0.0)
+    zeros = stored + np.uint8(1 if config.version == 1 else 0)
     counts = np.bincount(group_of_row, minlength=groups)
     group_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     if (group_starts % CODES_PER_WORD).any():
@@ -133,4 +135,10 @@ def prepare_layer(prefix: str, qweight: StoredTensor, qzeros: StoredTensor, scal
     if (np.diff(group_of_row) < 0).any():
         permutation = np.argsort(group_of_row, kind="stable")
         words = pack_rows(unpack_rows(qweight.data)[permutation]).view(np.uint32)
-    return PackedLayer(words, scales.to_float32(), zeros, group_starts, permutation)
+    blocks = block_columns(words)
+    release_pages(qweight.data)          # the blocked copy replaces the mapped file pages
+    if scales.dtype not in ("F16", "BF16", "F32"):
+        raise CheckpointError(f"{prefix}: scales must be F16, BF16 or F32, got {scales.dtype}")
+    columns = blocks.shape[0] * blocks.shape[2]
+    return PackedLayer(blocks, pad_columns(scales.data, columns), scales.dtype, pad_columns(zeros, columns),
+                       group_starts, permutation, out)

@@ -8,8 +8,8 @@ import numpy as np
 
 from .errors import CheckpointError
 from .gptq import PackedLayer
-from .kernels import STORAGE_DTYPES, ggml, matmul
-from .kernels.gptq import CODES_PER_WORD, gptq_matmul
+from .kernels import STORAGE_DTYPES, ggml, matmul, widen_numpy
+from .kernels.gptq import CODES_PER_WORD, dequantize_tile, gptq_matmul
 from .weights import StoredTensor
 
 
@@ -32,6 +32,10 @@ class DenseLinear:
             y += self.bias
         return y
 
+    def dequantize(self) -> np.ndarray:
+        """W (out, in) float32."""
+        return widen_numpy(self.weight, self.storage)
+
 
 class GPTQLinear:
     """y = x W + b with W the 4-bit GPTQ weight (in, out), kept packed (see llama_ref/gptq.py)."""
@@ -39,19 +43,31 @@ class GPTQLinear:
     def __init__(self, name: str, layer: PackedLayer, bias: np.ndarray | None = None):
         self.name = name
         self.layer = layer
-        self.scaled_zeros = layer.scaled_zeros   # (groups, out) float32
         self.bias = bias                         # (out,) float32 or None
-        self.in_features = layer.words.shape[0] * CODES_PER_WORD
-        self.out_features = layer.words.shape[1]
+        self.in_features = layer.blocks.shape[1] * CODES_PER_WORD
+        self.out_features = layer.out_features
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.layer.permutation is not None:
             x = x[:, self.layer.permutation]     # act-order: the rows' group order
-        y = gptq_matmul(np.ascontiguousarray(x, dtype=np.float32), self.layer.words, self.layer.scales,
-                        self.scaled_zeros, self.layer.group_starts)
+        layer = self.layer
+        y = gptq_matmul(np.ascontiguousarray(x, dtype=np.float32), layer.blocks, layer.scales, layer.zeros,
+                        layer.group_starts, layer.scale_storage, layer.with_min)[:, :self.out_features]
         if self.bias is not None:
             y += self.bias
         return y
+
+    def dequantize(self) -> np.ndarray:
+        """W (out, in) float32, inputs in the checkpoint's order."""
+        layer = self.layer
+        columns = layer.blocks.shape[0] * layer.blocks.shape[2]
+        w = dequantize_tile(layer.blocks, layer.scales, layer.zeros, layer.group_starts, 0, columns,
+                            layer.scale_storage, layer.with_min)[:, :self.out_features]   # (in, out), kernel order
+        if layer.permutation is not None:
+            restored = np.empty_like(w)
+            restored[layer.permutation] = w
+            w = restored
+        return np.ascontiguousarray(w.T)
 
 
 class GGUFLinear:
@@ -71,6 +87,10 @@ class GGUFLinear:
     def rows(self, ids) -> np.ndarray:
         """Rows of W, dequantized (for an embedding table stored this way).  (len(ids), in) float32."""
         return ggml.dequantize_numpy(self.data[ids], self.kind)
+
+    def dequantize(self) -> np.ndarray:
+        """W (out, in) float32."""
+        return ggml.dequantize_numpy(self.data, self.kind)
 
 
 Linear = DenseLinear | GPTQLinear | GGUFLinear

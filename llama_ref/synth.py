@@ -14,12 +14,12 @@ import json
 import math
 import os
 import shutil
-import struct
 from pathlib import Path
 
 import numpy as np
 
 from .errors import LlamaRefError
+from .weights import write_safetensors
 
 SHAPES = {  # Meta's published Llama-2 configurations
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -69,23 +69,6 @@ def tensor_data(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> 
     return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
 
 
-def write_safetensors(path: Path, specs, make) -> None:
-    """A safetensors file written tensor by tensor: the header first (offsets are known from
-    the shapes), then each tensor's bytes as make(name, shape) produces them."""
-    itemsize = {"F16": 2, "I32": 4}
-    header, offset = {}, 0
-    for name, dtype, shape in specs:
-        size = math.prod(shape) * itemsize[dtype]
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)     # the data starts 8-byte aligned, as the library writes it
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)) + encoded)
-        for name, dtype, shape in specs:
-            f.write(make(name, shape).tobytes())
-
-
 def llama2_tokenizer_model() -> bytes:
     """Llama-2's tokenizer.model, rebuilt from the vocabulary GGUF that llama-cpp-python's
     source distribution carries (see llama_ref/assets.py and tokenizer/gguf_vocab.py)."""
@@ -122,3 +105,75 @@ def write_synthetic_gptq(directory, shape: str = "llama-2-13b", layers: int | No
     (partial / "tokenizer.model").write_bytes(tokenizer_model or llama2_tokenizer_model())
     os.replace(partial, directory)
     return directory
+
+
+Q4_0_BLOCK, Q4_0_BYTES = 32, 18   # 32 weights: an fp16 scale d, then 16 bytes of nibbles; w = d * (q - 8)
+
+
+def random_q4_0(rows: int, columns: int, rng: np.random.Generator) -> np.ndarray:
+    """(rows, columns / 32 * 18) uint8: random nibbles under scales that give weights of about
+    0.02, as SCALE does for the GPTQ checkpoint."""
+    blocks = rng.integers(0, 256, size=(rows, columns // Q4_0_BLOCK, Q4_0_BYTES), dtype=np.uint8)
+    scales = (SCALE * (0.5 + rng.random((rows, columns // Q4_0_BLOCK), dtype=np.float32))).astype(np.float16)
+    blocks[..., :2] = scales[..., None].view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def write_synthetic_q4_0_gguf(path, shape: str = "llama-2-13b", layers: int | None = None, seed: int = 0) -> Path:
+    """A random Q4_0 GGUF of the shape, as llama.cpp reads it (Llama-2's vocabulary in its
+    metadata), for measuring llama.cpp beside the GPTQ checkpoint of the same shape. Written
+    tensor by tensor to a temporary name; the file appears only when complete."""
+    import gguf
+
+    from .assets import fetch_package_files
+    from .tokenizer.gguf_vocab import read_gguf_vocab
+    if shape not in SHAPES:
+        raise LlamaRefError(f"shape: one of {', '.join(SHAPES)}, got {shape!r}")
+    path = Path(path)
+    dims = {**SHAPES[shape], **({} if layers is None else {"num_hidden_layers": layers})}
+    hidden, inter, heads = dims["hidden_size"], dims["intermediate_size"], dims["num_attention_heads"]
+    kv = dims["num_key_value_heads"] * hidden // heads
+    member = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
+    vocab = read_gguf_vocab(fetch_package_files(LLAMA_VOCAB_PACKAGE, [member], "sdist")[member])
+    q4_0, f32 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.F32
+    tensors = [("token_embd.weight", (len(vocab.tokens), hidden))]
+    for i in range(dims["num_hidden_layers"]):
+        tensors += [(f"blk.{i}.attn_norm.weight", (hidden,)), (f"blk.{i}.attn_q.weight", (hidden, hidden)),
+                    (f"blk.{i}.attn_k.weight", (kv, hidden)), (f"blk.{i}.attn_v.weight", (kv, hidden)),
+                    (f"blk.{i}.attn_output.weight", (hidden, hidden)), (f"blk.{i}.ffn_norm.weight", (hidden,)),
+                    (f"blk.{i}.ffn_gate.weight", (inter, hidden)), (f"blk.{i}.ffn_up.weight", (inter, hidden)),
+                    (f"blk.{i}.ffn_down.weight", (hidden, inter))]
+    tensors += [("output_norm.weight", (hidden,)), ("output.weight", (len(vocab.tokens), hidden))]
+    partial = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(partial, "llama")
+    writer.add_context_length(4096)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(dims["num_hidden_layers"])
+    writer.add_feed_forward_length(inter)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(dims["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.token_types)
+    writer.add_bos_token_id(vocab.bos_id)
+    writer.add_eos_token_id(vocab.eos_id)
+    writer.add_unk_token_id(vocab.unk_id)
+    for name, dims_ in tensors:
+        if len(dims_) == 1:
+            writer.add_tensor_info(name, dims_, np.dtype(np.float32), dims_[0] * 4, raw_dtype=f32)
+        else:
+            byte_shape = (dims_[0], dims_[1] // Q4_0_BLOCK * Q4_0_BYTES)
+            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=q4_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    rng = np.random.default_rng(seed)
+    for name, dims_ in tensors:
+        writer.write_tensor_data(np.ones(dims_, np.float32) if len(dims_) == 1 else random_q4_0(*dims_, rng))
+    writer.close()
+    os.replace(partial, path)
+    return path

@@ -12,6 +12,7 @@ kernels widen both on the fly; see kernels/convert.py).
 """
 import json
 import math
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,46 @@ def _view(path, mapped, data_start, file_size, name, info) -> StoredTensor:
         return StoredTensor(name, dtype, np.empty(shape, dtype=np_dtype))
     raw = mapped[data_start + begin:data_start + end]
     return StoredTensor(name, dtype, np.asarray(raw).view(np_dtype).reshape(shape))
+
+
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I32": np.int32}
+
+
+def write_safetensors(path: Path, specs, make) -> None:
+    """A safetensors file written tensor by tensor, so that no more than one tensor is in
+    memory: the header first (offsets follow from the shapes), then each tensor's bytes as
+    make(name, shape) returns them.  specs: [(name, "F32" | "F16" | "I32", shape)]."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape in specs:
+        size = math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)     # the data starts 8-byte aligned, as the library writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name, dtype, shape in specs:
+            data = make(name, shape)
+            if data.shape != tuple(shape) or data.dtype.itemsize != np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize:
+                raise ValueError(f"tensor {name}: made {data.dtype} {list(data.shape)}, declared {dtype} {list(shape)}")
+            f.write(np.ascontiguousarray(data).tobytes())
+
+
+def release_pages(view: np.ndarray) -> None:
+    """Unmap the file pages under a view of a memory-mapped checkpoint once a copy of them has
+    replaced it (they leave this process's resident size; the page cache keeps them). A no-op
+    for arrays that are not file mappings."""
+    top = view
+    while isinstance(top.base, np.ndarray):
+        top = top.base
+    mapping = top.base           # the np.memmap that made the mapping holds the mmap object
+    if not isinstance(mapping, mmap.mmap) or view.nbytes == 0:
+        return
+    start = (view.__array_interface__["data"][0] - top.__array_interface__["data"][0]
+             + top.offset % mmap.ALLOCATIONGRANULARITY)
+    page = mmap.PAGESIZE
+    first, end = start // page * page, -(-(start + view.nbytes) // page) * page
+    mapping.madvise(mmap.MADV_DONTNEED, first, min(end, len(mapping)) - first)
 
 
 def read_checkpoint(directory: str | Path) -> dict[str, StoredTensor]:

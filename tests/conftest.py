@@ -6,7 +6,6 @@ so a forward pass that skipped them could not pass.
 """
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ import transformers
 from hypothesis import settings
 from tokenizers import normalizers
 
+import oracles
 from llama_ref.tokenizer import HFTokenizer, load_gguf_tokenizer, load_tokenizer
 from llama_ref.tokenizer.gguf_vocab import read_gguf_vocab, sentencepiece_model
 
@@ -199,29 +199,7 @@ def _three_ways(directory, ours):
 def smollm2_hf_fp16(smollm2_gguf):
     """SmolLM2-135M-Instruct as an HF fp16 safetensors checkpoint, dequantized from the GGUF by
     transformers and cached under $LLAMA_REF_HOME (about a minute the first time)."""
-    import os
-    import shutil
-    import tempfile
-
-    from llama_ref.assets import cache_home
-    target = cache_home() / "derived" / f"smollm2-135m-instruct-fp16-transformers{transformers.__version__}"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float16,
-            quantization_config=transformers.GgufConfig(dequantize=True))
-        model.hf_quantizer, model.is_quantized = None, False
-        model.config.__dict__.pop("quantization_config", None)
-        model.save_pretrained(staging)
-        transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name
-                                                   ).save_pretrained(staging)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return oracles.smollm2_fp16_checkpoint(smollm2_gguf)
 
 
 # Calibration text for gptqmodel: short, varied sentences (GPTQ needs activations, not a corpus).
@@ -247,43 +225,16 @@ CALIBRATION = [
 GPTQ_VARIANTS = {"sym": dict(desc_act=False, sym=True), "act-order": dict(desc_act=True, sym=True),
                  "asym": dict(desc_act=False, sym=False)}
 
-QUANTIZE_SCRIPT = """
-import json, sys
-from gptqmodel import GPTQModel, QuantizeConfig
-source, target, options, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
-model = GPTQModel.load(source, QuantizeConfig(bits=4, group_size=128, **options), device="cpu")
-model.quantize(texts, batch_size=4)
-model.save(target)
-"""
-
-GPTQMODEL_ENV = {"GPTQMODEL_CPU_WORKERS": "2", "TORCHDYNAMO_DISABLE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1"}
-
-
 @pytest.fixture(scope="session")
 def smollm2_gptq(smollm2_hf_fp16):
     """smollm2_gptq(variant) -> SmolLM2-135M-Instruct quantized by gptqmodel 7.7.0 on CPU
     (4 bits, group size 128; GPTQ_VARIANTS), cached under $LLAMA_REF_HOME (about a minute each)."""
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-
     from llama_ref.assets import cache_home
 
     def get(variant):
         target = cache_home() / "derived" / f"smollm2-135m-instruct-gptq-{variant}-gptqmodel7.7.0"
-        if target.exists():
-            return target
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
-        try:
-            subprocess.run([sys.executable, "-c", QUANTIZE_SCRIPT, str(smollm2_hf_fp16), str(staging / "model"),
-                            json.dumps(GPTQ_VARIANTS[variant]), json.dumps(CALIBRATION)],
-                           env={**os.environ, **GPTQMODEL_ENV}, check=True, capture_output=True, timeout=1200)
-            for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]:
-                if (smollm2_hf_fp16 / name).exists() and not (staging / "model" / name).exists():
-                    shutil.copy(smollm2_hf_fp16 / name, staging / "model" / name)
-            os.replace(staging / "model", target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        if not target.exists():
+            oracles.gptqmodel_quantize(smollm2_hf_fp16, target, dict(group_size=128, **GPTQ_VARIANTS[variant]),
+                                       CALIBRATION)
         return target
     return get

@@ -7,8 +7,9 @@ import torch
 import transformers
 
 import llama_ref
-from llama_ref.gguf_loader import q_k_row_order
+from llama_ref.gguf_loader import q4_layer, q_k_row_order
 from llama_ref.kernels import ggml
+from llama_ref.linear import GPTQLinear
 from conftest import relative_error
 
 KINDS = ["Q8_0", "Q4_0", "Q4_1"]
@@ -35,6 +36,11 @@ def test_kernels_equal_gguf_dequantize_then_matmul(kind, n):
     expected = x.astype(np.float64) @ gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind]).T
     assert relative_error(ggml.matmul(x, data, kind), expected) <= 1e-5
     assert relative_error(ggml.matmul_small(x, data, kind), expected) <= 1e-5
+    if kind != "Q8_0":   # the loader runs Q4 linears through the 4-bit GPTQ kernels, re-laid out
+        layer = GPTQLinear("w", q4_layer(data, kind))
+        assert relative_error(layer(x), expected) <= 1e-5
+        np.testing.assert_allclose(layer.dequantize(), gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind]),
+                                   rtol=1e-6, atol=1e-7)
 
 
 def llama_cpp_permute(w, n_heads):

@@ -19,8 +19,8 @@ os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 import llama_ref  # noqa: E402
 from llama_ref.errors import CheckpointError, ConfigError  # noqa: E402
 from llama_ref.gptq import GPTQConfig, prepare_layer  # noqa: E402
-from llama_ref.kernels.gptq import (dequantize_numpy, gptq_matmul_small, gptq_matmul_tiled,  # noqa: E402
-                                    pack_columns, pack_rows, unpack_columns, unpack_rows)
+from llama_ref.kernels.gptq import (block_columns, dequantize_numpy, gptq_matmul_small, gptq_matmul_tiled,  # noqa: E402
+                                    pack_columns, pack_rows, unblock_columns, unpack_columns, unpack_rows)
 from llama_ref.linear import GPTQLinear  # noqa: E402
 from llama_ref.weights import StoredTensor  # noqa: E402
 from conftest import _fetch, load_reference, make_checkpoint, relative_error  # noqa: E402
@@ -79,6 +79,11 @@ def test_pack_and_unpack_are_inverse():
     words = rng.integers(-2**31, 2**31, size=(16, 24), dtype=np.int64).astype(np.int32)
     assert np.array_equal(pack_rows(unpack_rows(words)), words)
     assert np.array_equal(pack_columns(unpack_columns(words)), words)
+    for out in (24, 64, 130):
+        wide = rng.integers(0, 2**32, size=(16, out), dtype=np.uint32)
+        blocks = block_columns(wide)
+        assert blocks.shape == (-(-out // 64), 16, 64) and np.array_equal(unblock_columns(blocks, out), wide)
+        assert np.array_equal(blocks[1 if out > 64 else 0, 3, 5], wide[3, 64 + 5 if out > 64 else 5])
     # LSB first: word r of qweight holds rows 8r .. 8r+7, the code of row 8r in the lowest nibble.
     codes = np.zeros((8, 1), dtype=np.uint8)
     codes[0, 0], codes[7, 0] = 0x3, 0xA
@@ -142,7 +147,9 @@ def test_legacy_layout_without_g_idx_and_with_fp32_scales_equals_autogptq(autogp
     tensors["scales"] = tensors["scales"].astype(np.float32) * np.float32(1.0001)   # not fp16-representable
     layer = packed_linear(tensors, 128, with_g_idx=False).layer     # the zero points and scales as we load them
     expected = autogptq_weight(autogptq_quant_linear, tensors, 512, 64, 128)   # given g_idx = i // 128
-    assert np.array_equal(dequantize_numpy(tensors["qweight"], layer.zeros, layer.scales, np.arange(512) // 128),
+    assert layer.scale_storage == "F32" and np.array_equal(layer.scales[:, :64], tensors["scales"])  # kept as they are
+    assert np.array_equal(layer.zeros[:, :64], zeros)
+    assert np.array_equal(dequantize_numpy(tensors["qweight"], zeros, layer.scales[:, :64], np.arange(512) // 128),
                           expected)
 
 
@@ -151,8 +158,9 @@ def test_v1_nibble_f_reads_as_zero_16_like_qlinear_cuda_and_warns(autogptq_quant
     with pytest.warns(UserWarning, match="v1 zero point nibble 0xF"):
         layer = packed_linear(tensors, 128)
     expected = autogptq_weight(autogptq_quant_linear, tensors, 256, 64, 128)
-    np.testing.assert_array_equal(layer.layer.zeros, unpack_columns(tensors["qzeros"]) + 1.0)
-    assert (layer.layer.zeros == 16).any()
+    read_as = unpack_columns(tensors["qzeros"]) + 1                         # nibble + 1, no wrap
+    np.testing.assert_array_equal(layer.layer.zeros[:, :64], read_as)
+    assert (read_as == 16).any()
     x = np.eye(256, dtype=np.float32)
     assert relative_error(layer(x), expected) <= 1e-6
 
@@ -175,10 +183,13 @@ def test_kernels_equal_x_times_the_dequantized_weight(variant, n):
     layer = packed_linear(tensors, group_size, version)
     x = rng.standard_normal((n, d_in)).astype(np.float32)
     check_product(layer(x), x, w, f"{variant}, n={n}")
+    assert np.array_equal(layer.dequantize(), w.T)        # what the quantizer reads back from a GPTQ layer
     xp = x if layer.layer.permutation is None else x[:, layer.layer.permutation]
-    args = (layer.layer.words, layer.layer.scales, layer.scaled_zeros, layer.layer.group_starts)
-    check_product(gptq_matmul_small(np.ascontiguousarray(xp), *args), x, w, "small-batch kernel")
-    check_product(gptq_matmul_tiled(np.ascontiguousarray(xp), *args), x, w, "tiled kernel")
+    packed = layer.layer
+    args = (packed.blocks, packed.scales, packed.zeros, packed.group_starts, packed.scale_storage)
+    out = w.shape[1]
+    check_product(gptq_matmul_small(np.ascontiguousarray(xp), *args)[:, :out], x, w, "small-batch kernel")
+    check_product(gptq_matmul_tiled(np.ascontiguousarray(xp), *args)[:, :out], x, w, "tiled kernel")
 
 
 def test_odd_output_widths_and_missing_g_idx():

@@ -15,7 +15,8 @@ import llama_ref
 from llama_ref import SamplingParams
 from llama_ref.kernels.gptq import dequantize_numpy, unpack_columns
 from llama_ref.weights import read_checkpoint
-from conftest import GPTQ_VARIANTS, GPTQMODEL_ENV, load_reference, relative_error
+from conftest import GPTQ_VARIANTS, load_reference, relative_error
+from oracles import GPTQMODEL_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -63,13 +64,14 @@ def test_real_gptq_logits_equal_transformers_on_the_dequantized_weights(variant,
 
 
 @pytest.mark.parametrize("variant", GPTQ_VARIANTS)
-def test_real_gptq_greedy_answer_equals_gptqmodel_s(variant, smollm2_gptq):
+def test_real_gptq_greedy_answer_equals_gptqmodel_s(variant, smollm2_gptq, tmp_path):
     directory = smollm2_gptq(variant)
     model = llama_ref.load_model(directory)
     generation = model.chat(QUESTION, SamplingParams(temperature=0, max_new_tokens=16))
     ours = generation.result().choices[0]
     theirs = subprocess.run([sys.executable, "-c", GENERATE_SCRIPT, str(directory), json.dumps(generation.prompt_ids),
-                             "16"], env={**os.environ, **GPTQMODEL_ENV}, capture_output=True, text=True, check=True)
+                             "16"], env={**os.environ, **GPTQMODEL_ENV}, capture_output=True, text=True, check=True,
+                            cwd=tmp_path)
     their_ids = json.loads(theirs.stdout.strip().splitlines()[-1])
     our_ids = [e.token_id for e in ours.tokens]
     assert our_ids == their_ids[:len(our_ids)], (ours.text, model.tokenizer.decode(their_ids))

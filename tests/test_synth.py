@@ -5,6 +5,7 @@ import numpy as np
 from safetensors import safe_open
 
 import llama_ref
+from llama_ref.kernels.gptq import unblock_columns
 from llama_ref.linear import GPTQLinear
 from llama_ref.synth import SHAPES, write_synthetic_gptq
 
@@ -21,7 +22,7 @@ def test_a_synthetic_llama_2_7b_layer_is_a_standard_gptq_checkpoint(tmp_path):
         assert len(list(f.keys())) == 3 + 2 + 7 * 4   # embed, norm, lm_head; 2 norms; 7 linears
         qweight = f.get_tensor("model.layers.0.mlp.down_proj.qweight")
         assert qweight.shape == (11008 // 8, 4096)
-        assert np.array_equal(qweight.view(np.uint32), model.weights.layers[0].w2.layer.words)
+        assert np.array_equal(qweight.view(np.uint32), unblock_columns(model.weights.layers[0].w2.layer.blocks, 4096))
     assert model.tokenizer.encode("Hello", bos=True, eos=False) == [1, 15043]   # Llama-2's vocabulary
     logits = model.forward([1, 450, 7483], 0, model.new_cache(8))
     assert np.isfinite(logits).all() and logits.std() > 0.1

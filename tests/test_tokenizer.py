@@ -8,7 +8,7 @@ import transformers
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from hypothesis import given, settings, strategies as st
 
-from llama_ref.tokenizer import HFTokenizer, load_gguf_tokenizer
+from llama_ref.tokenizer import HFTokenizer, load_gguf_tokenizer, load_tokenizer
 from conftest import CORPUS, LLAMA_SPM
 
 
@@ -167,3 +167,20 @@ def test_user_defined_chat_markers_stay_text(mistral_spm_model, tmp_path):
     assert tok.decode(ids) == "<|im_start|>user\nhi<|im_end|>"
     assert tok.is_special(32001) and tok.id_to_piece(32001) == "<|im_end|>"
     assert tok.decode([32000, *tok.encode("hi", False, False), 32001]) == "hi"
+
+
+def test_a_saved_tokenizer_reads_back_the_same_here_and_in_transformers(llama_tokenizers, smollm2_gguf, tmp_path):
+    """Tokenizer.save (what `llama-ref quantize` writes for a GGUF source)."""
+    for name, ours in (("spm", llama_tokenizers[0]), ("bpe", load_gguf_tokenizer(smollm2_gguf))):
+        directory = tmp_path / name
+        directory.mkdir()
+        ours.save(directory)
+        back = load_tokenizer(directory)
+        theirs = transformers.AutoTokenizer.from_pretrained(str(directory))
+        assert (back.bos_id, back.eos_id, back.add_bos, back.chat_template) == (
+            ours.bos_id, ours.eos_id, ours.add_bos, ours.chat_template)
+        for text in CORPUS[:24]:
+            assert back.encode(text, bos=False, eos=False) == ours.encode(text, bos=False, eos=False), text
+            if name == "bpe":   # transformers turns control-token text into ids; ours keeps it text
+                if not any(piece in text for piece in ours.special_pieces):
+                    assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text, False, False), text

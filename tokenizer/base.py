@@ -9,8 +9,10 @@ Rules shared by all backends:
   ever appends to, or completes the U+FFFD tail of, the decoding of its prefix (the
   incremental detokenizer relies on this).
 """
+import json
 from abc import ABC, abstractmethod
 from functools import cached_property
+from pathlib import Path
 
 from ..errors import LlamaRefError
 
@@ -69,6 +71,26 @@ class Tokenizer(ABC):
         if eos:
             ids.append(self._required(self.eos_id, "EOS"))
         return ids
+
+    def save(self, directory) -> None:
+        """Write the vocabulary file and a tokenizer_config.json (special tokens, add_bos_token,
+        chat_template) that transformers and load_tokenizer read back as this tokenizer."""
+        config = {"tokenizer_class": self.tokenizer_class, "add_bos_token": self.add_bos, "add_eos_token": False}
+        for name in ("bos", "eos", "unk", "pad"):
+            token_id = getattr(self, f"{name}_id")
+            if token_id is not None:
+                config[f"{name}_token"] = self.id_to_piece(token_id)
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        self.save_vocabulary(Path(directory))
+        (Path(directory) / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+    tokenizer_class: str = "PreTrainedTokenizerFast"
+
+    def save_vocabulary(self, directory: Path) -> None:
+        """Write the backend's own file (tokenizer.model or tokenizer.json) into directory;
+        the SentencePiece and tokenizer.json backends do."""
+        raise TokenizerError(f"{type(self).__name__} cannot write its vocabulary to {directory}")
 
     def _required(self, token_id: int | None, name: str) -> int:
         if token_id is None:

@@ -9,6 +9,8 @@ from .base import Tokenizer, TokenizerError
 
 
 class HFTokenizer(Tokenizer):
+    tokenizer_class = "PreTrainedTokenizerFast"
+
     def __init__(self, tokenizer: HFTokenizerObject | str | Path, bos: str | None, eos: str | None,
                  unk: str | None = None, pad: str | None = None, add_bos: bool = False,
                  chat_template: str | None = None):
@@ -53,6 +55,9 @@ class HFTokenizer(Tokenizer):
             return bytes(BYTE_OF_CHAR[ch] for ch in piece)
         raw = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
         return bytes([int(raw.group(1), 16)]) if raw else piece.replace("▁", " ").encode()
+
+    def save_vocabulary(self, directory: Path) -> None:
+        self._tok.save(str(directory / "tokenizer.json"))
 
 
 def byte_level_alphabet() -> dict[str, int]:

@@ -14,6 +14,8 @@ from .base import Tokenizer, TokenizerError
 
 
 class SentencePieceTokenizer(Tokenizer):
+    tokenizer_class = "LlamaTokenizer"
+
     def __init__(self, model: bytes | str | Path, add_bos: bool = True, chat_template: str | None = None,
                  control_pieces: frozenset[str] = frozenset()):
         name = "model proto" if isinstance(model, bytes) else str(model)
@@ -62,3 +64,6 @@ class SentencePieceTokenizer(Tokenizer):
         if self._sp.is_control(token_id) or self._sp.is_unknown(token_id):
             return b""
         return piece.replace("▁", " ").encode()
+
+    def save_vocabulary(self, directory: Path) -> None:
+        (directory / "tokenizer.model").write_bytes(self._sp.serialized_model_proto())
