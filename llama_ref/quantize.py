@@ -40,6 +40,7 @@ from .errors import LlamaRefError
 from .kernels.gptq import pack_columns, pack_rows
 from .kernels.quantize import MAX_CODE, gptq_columns
 from .linear import DenseLinear
+from .loader import LAYER_NAMES
 from .model import Model, attention, embed, rms_norm, silu
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 from .weights import StoredTensor, write_safetensors
@@ -47,9 +48,9 @@ from .weights import StoredTensor, write_safetensors
 DEFAULT_CALIBRATION = Path(__file__).with_name("data") / "calibration.txt"  # Alice in Wonderland, public domain
 METHODS = ("gptq", "rtn")
 FORMATS = ("gptq", "gptq_v2")
+HF_NAMES = {meta: hf for hf, meta in LAYER_NAMES.items()}
 # Meta name -> HF name, in the order each layer quantizes them (true-sequential)
-LINEARS = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
-           "wo": "self_attn.o_proj", "w1": "mlp.gate_proj", "w3": "mlp.up_proj", "w2": "mlp.down_proj"}
+LINEARS = {meta: HF_NAMES[meta] for meta in ("wq", "wk", "wv", "wo", "w1", "w3", "w2")}
 
 
 class QuantizeError(LlamaRefError, ValueError):
@@ -315,7 +316,7 @@ def hessian_of(x: np.ndarray) -> Hessian:
 
 # ---- the checkpoint ---------------------------------------------------------------------
 
-HF_LAYER_NORMS = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+HF_LAYER_NORMS = {meta: HF_NAMES[meta] for meta in ("attention_norm", "ffn_norm")}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
 
