@@ -21,7 +21,7 @@ from .config import ModelConfig, RopeScaling
 from .errors import CheckpointError, ConfigError
 from .gptq import PackedLayer
 from .kernels.ggml import BLOCK, BLOCK_BYTES
-from .kernels.gptq import block_columns, pack_rows, pad_columns
+from .kernels.gptq import block_columns, block_groups, pack_rows
 from .linear import DenseLinear, GGUFLinear, GPTQLinear
 from .model import Layer, Model, Weights
 from .rope import interleaved_to_half
@@ -97,8 +97,8 @@ def q4_layer(data: np.ndarray, kind: str) -> PackedLayer:
     codes = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).reshape(out, -1)  # (out, in), ggml's order
     packed = block_columns(pack_rows(codes.T).view(np.uint32))
     release_pages(data)
-    columns, groups = packed.shape[0] * packed.shape[2], codes.shape[1] // BLOCK
-    return PackedLayer(packed, pad_columns(scales.T, columns), "F16", pad_columns(mins.T, columns),
+    groups = codes.shape[1] // BLOCK
+    return PackedLayer(packed, block_groups(scales.T, len(packed)), "F16", block_groups(mins.T, len(packed)),
                        np.arange(groups + 1, dtype=np.int64) * BLOCK, None, out, with_min=True)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError, ConfigError
-from .kernels.gptq import CODES_PER_WORD, block_columns, pack_rows, pad_columns, unpack_columns, unpack_rows
+from .kernels.gptq import CODES_PER_WORD, block_columns, block_groups, pack_rows, unpack_columns, unpack_rows
 from .weights import StoredTensor, release_pages
 
 CONFIG_FILES = ("quantize_config.json", "quant_config.json")
@@ -84,9 +84,9 @@ def find_gptq_config(directory: Path, raw_config: dict, tensor_names) -> GPTQCon
 class PackedLayer:
     """One quantized Linear in the kernels' order and layout (see kernels/gptq.py)."""
     blocks: np.ndarray         # (out/64, in/8, 64) uint32, rows sorted by group, columns padded to 64
-    scales: np.ndarray         # (groups, out padded) as stored: fp16/bf16 bits (uint16) or float32
+    scales: np.ndarray         # (out/64, groups, 64) as stored: fp16/bf16 bits (uint16) or float32
     scale_storage: str         # "F16" | "BF16" | "F32"
-    zeros: np.ndarray          # (groups, out padded) uint8, the true zero points (or mins, below)
+    zeros: np.ndarray          # (out/64, groups, 64) uint8, the true zero points (or mins, below)
     group_starts: np.ndarray   # (groups + 1,) int64, multiples of 8
     permutation: np.ndarray | None  # (in,) input rows in kernel order; None when already in order
     out_features: int
@@ -139,6 +139,5 @@ def prepare_layer(prefix: str, qweight: StoredTensor, qzeros: StoredTensor, scal
     release_pages(qweight.data)          # the blocked copy replaces the mapped file pages
     if scales.dtype not in ("F16", "BF16", "F32"):
         raise CheckpointError(f"{prefix}: scales must be F16, BF16 or F32, got {scales.dtype}")
-    columns = blocks.shape[0] * blocks.shape[2]
-    return PackedLayer(blocks, pad_columns(scales.data, columns), scales.dtype, pad_columns(zeros, columns),
+    return PackedLayer(blocks, block_groups(scales.data, len(blocks)), scales.dtype, block_groups(zeros, len(blocks)),
                        group_starts, permutation, out)

@@ -19,8 +19,11 @@ os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 import llama_ref  # noqa: E402
 from llama_ref.errors import CheckpointError, ConfigError  # noqa: E402
 from llama_ref.gptq import GPTQConfig, prepare_layer  # noqa: E402
-from llama_ref.kernels.gptq import (block_columns, dequantize_numpy, gptq_matmul_small, gptq_matmul_tiled,  # noqa: E402
-                                    pack_columns, pack_rows, unblock_columns, unpack_columns, unpack_rows)
+from llama_ref.kernels.convert import f16_to_f32_numpy  # noqa: E402
+from llama_ref.kernels.gptq import (RUN_INPUTS, X_LEVELS, activation_runs, block_columns, block_groups,  # noqa: E402
+                                    dequantize_numpy, gptq_matmul_small, gptq_matmul_tiled, matmul_small_numpy,
+                                    pack_columns, pack_rows, quantize_activations, quantize_activations_numpy,
+                                    unblock_columns, unblock_groups, unpack_columns, unpack_rows)
 from llama_ref.linear import GPTQLinear  # noqa: E402
 from llama_ref.weights import StoredTensor  # noqa: E402
 from conftest import _fetch, load_reference, make_checkpoint, relative_error  # noqa: E402
@@ -84,6 +87,8 @@ def test_pack_and_unpack_are_inverse():
         blocks = block_columns(wide)
         assert blocks.shape == (-(-out // 64), 16, 64) and np.array_equal(unblock_columns(blocks, out), wide)
         assert np.array_equal(blocks[1 if out > 64 else 0, 3, 5], wide[3, 64 + 5 if out > 64 else 5])
+        grouped = block_groups(wide[:3], len(blocks))
+        assert grouped.shape == (len(blocks), 3, 64) and np.array_equal(unblock_groups(grouped, out), wide[:3])
     # LSB first: word r of qweight holds rows 8r .. 8r+7, the code of row 8r in the lowest nibble.
     codes = np.zeros((8, 1), dtype=np.uint8)
     codes[0, 0], codes[7, 0] = 0x3, 0xA
@@ -147,9 +152,10 @@ def test_legacy_layout_without_g_idx_and_with_fp32_scales_equals_autogptq(autogp
     tensors["scales"] = tensors["scales"].astype(np.float32) * np.float32(1.0001)   # not fp16-representable
     layer = packed_linear(tensors, 128, with_g_idx=False).layer     # the zero points and scales as we load them
     expected = autogptq_weight(autogptq_quant_linear, tensors, 512, 64, 128)   # given g_idx = i // 128
-    assert layer.scale_storage == "F32" and np.array_equal(layer.scales[:, :64], tensors["scales"])  # kept as they are
-    assert np.array_equal(layer.zeros[:, :64], zeros)
-    assert np.array_equal(dequantize_numpy(tensors["qweight"], zeros, layer.scales[:, :64], np.arange(512) // 128),
+    assert layer.scale_storage == "F32" and np.array_equal(unblock_groups(layer.scales, 64), tensors["scales"])  # kept as they are
+    assert np.array_equal(unblock_groups(layer.zeros, 64), zeros)
+    assert np.array_equal(dequantize_numpy(tensors["qweight"], zeros, unblock_groups(layer.scales, 64),
+                                           np.arange(512) // 128),
                           expected)
 
 
@@ -159,7 +165,7 @@ def test_v1_nibble_f_reads_as_zero_16_like_qlinear_cuda_and_warns(autogptq_quant
         layer = packed_linear(tensors, 128)
     expected = autogptq_weight(autogptq_quant_linear, tensors, 256, 64, 128)
     read_as = unpack_columns(tensors["qzeros"]) + 1                         # nibble + 1, no wrap
-    np.testing.assert_array_equal(layer.layer.zeros[:, :64], read_as)
+    np.testing.assert_array_equal(unblock_groups(layer.layer.zeros, 64), read_as)
     assert (read_as == 16).any()
     x = np.eye(256, dtype=np.float32)
     assert relative_error(layer(x), expected) <= 1e-6
@@ -188,8 +194,73 @@ def test_kernels_equal_x_times_the_dequantized_weight(variant, n):
     packed = layer.layer
     args = (packed.blocks, packed.scales, packed.zeros, packed.group_starts, packed.scale_storage)
     out = w.shape[1]
-    check_product(gptq_matmul_small(np.ascontiguousarray(xp), *args)[:, :out], x, w, "small-batch kernel")
+    small = gptq_matmul_small(np.ascontiguousarray(xp), *args)
+    check_product(small[:, :out], x, w, "small-batch kernel")
+    if packed.scale_storage == "F16":      # the same int16 activations in NumPy: equal up to float32 sums
+        twin = matmul_small_numpy(np.ascontiguousarray(xp), *args[:4], f16_to_f32_numpy)
+        assert relative_error(small, twin) <= 1e-6
+        assert relative_error(small[:, :out], x.astype(np.float64) @ w) <= 1e-6   # float32-accurate, unlike int8
     check_product(gptq_matmul_tiled(np.ascontiguousarray(xp), *args)[:, :out], x, w, "tiled kernel")
+
+
+def test_activations_become_two_int16_terms_per_run_like_the_twin():
+    rng = np.random.default_rng(7)
+    group_starts = np.array([0, 64, 64, 64 + 2 * RUN_INPUTS + 8], dtype=np.int64)   # an empty and a long group
+    starts, groups = activation_runs(group_starts)
+    assert starts.tolist() == [0, 64, 64 + RUN_INPUTS, 64 + 2 * RUN_INPUTS, 72 + 2 * RUN_INPUTS]
+    assert groups.tolist() == [0, 2, 2, 2]
+    x = rng.standard_normal((3, int(group_starts[-1]))).astype(np.float32) * np.float32(50)
+    x[1, :64] = 0                                                    # an all-zero run: scale 0, no division
+    x[2, 100] = 1e6                                                  # an outlier: its run's other inputs ride on q2
+    pairs, scale, total = quantize_activations(x, starts)
+    q, scale_twin, total_twin = quantize_activations_numpy(x, starts)
+    assert np.array_equal(scale, scale_twin) and np.array_equal(total, total_twin)
+    # pairs (n, in/8, term, 4) of (q[8r+k] low, q[8r+k+4] high) back to q (n, in, term)
+    unpaired = pairs.view(np.int16).reshape(3, -1, 2, 4, 2).transpose(0, 1, 4, 3, 2).reshape(3, -1, 2)
+    assert np.array_equal(unpaired, q)
+    assert np.abs(q[..., 0]).max() == X_LEVELS and np.abs(q[..., 1]).max() <= 2 ** 14 * 1.01
+    assert scale[1, 0] == 0 and not q[1, :64].any()
+    step = np.repeat(scale, np.diff(starts), axis=1).astype(np.float64)
+    rebuilt = step * (q[..., 0] + q[..., 1] / 2.0 ** 15)
+    # x to float32 precision: within 2^-16 steps, plus float32 rounding of x itself
+    assert (np.abs(rebuilt - x) <= step * 2.0 ** -16 + np.abs(x) * 2.0 ** -23).all()
+
+
+def test_integer_runs_do_not_overflow_at_the_extremes():
+    """Every code 15 against a zero point of 16 (a v1 0xF) and every activation at full scale:
+    the largest bracket a run can make, 4096 · 16 · 32767, still fits in int32."""
+    d_in = 2 * RUN_INPUTS
+    blocks = block_columns(pack_rows(np.full((d_in, 64), 15, np.uint8)).view(np.uint32))
+    scales = block_groups(np.ones((1, 64), np.float16).view(np.uint16), 1)
+    zeros = block_groups(np.full((1, 64), 16, np.uint8), 1)
+    x = np.ones((1, d_in), np.float32)
+    y = gptq_matmul_small(x, blocks, scales, zeros, np.array([0, d_in]), "F16")
+    assert np.array_equal(y, np.full((1, 64), -d_in, np.float32))
+    y = gptq_matmul_small(-x, blocks, scales, zeros, np.array([0, d_in]), "F16")
+    assert np.array_equal(y, np.full((1, 64), d_in, np.float32))
+
+
+def test_portable_dot_equals_the_avx2_instruction():
+    """kernels/intdot.py's plain-IR multiply-add gives the same int32 sums as vpmaddwd."""
+    from numba import njit
+    from llama_ref.kernels.intdot import HOST_AVX2, TERMS, make_dot_codes
+
+    def run(dot_codes):
+        @njit
+        def kernel(words, pairs, acc):
+            dot_codes(words.ctypes.data, pairs.ctypes.data, words.shape[0], acc.ctypes.data)
+        return kernel
+
+    rng = np.random.default_rng(8)
+    words = rng.integers(0, 2**32, (40, 64), dtype=np.uint32)
+    pairs = rng.integers(0, 2**32, (40, TERMS, 4), dtype=np.uint32)
+    codes = unpack_rows(words).astype(np.int64)                                 # (320, 64)
+    q = pairs.view(np.int16).reshape(40, TERMS, 4, 2).transpose(1, 0, 3, 2).reshape(TERMS, -1).astype(np.int64)
+    expected = (q @ codes + 7).astype(np.int32)                                 # (terms, 64)
+    for native in ([False, True] if HOST_AVX2 else [False]):
+        acc = np.full((TERMS, 64), 7, np.int32)
+        run(make_dot_codes(native, TERMS))(words, pairs, acc)
+        assert np.array_equal(acc, expected), f"native={native}"
 
 
 def test_odd_output_widths_and_missing_g_idx():
