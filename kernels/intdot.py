@@ -1,6 +1,6 @@
 """The integer inner loop of the 4-bit decode kernel, written as LLVM vector IR.
 
-    dot_codes(words, xpairs, rows, acc)     acc[t, j] += Σ_r Σ_k code_k(words[r, j]) · xq_t[8r + k]
+    dot_codes(words, xpairs, rows, acc)     acc[t, j] = Σ_r Σ_k code_k(words[r, j]) · xq_t[8r + k]
 
 for one block of 64 output columns (kernels/gptq.py): `rows` packed rows of 64 uint32
 words (8 codes each, LSB first), and for each row and each term t its 8 int16
@@ -63,8 +63,8 @@ def make_dot_codes(native: bool, terms: int):
             # the accumulators live in allocas that LLVM promotes to registers for the loop
             sums = [[cgutils.alloca_once(builder, V8I32) for _ in range(VECTORS)] for _ in range(terms)]
             for t in range(terms):
-                for c, slot in enumerate(sums[t]):
-                    builder.store(builder.load(builder.gep(acc_at, [ir.Constant(I32, t * VECTORS + c)]), align=4), slot)
+                for slot in sums[t]:
+                    builder.store(ir.Constant(V8I32, [0] * 8), slot)
             mask = ir.Constant(V8I32, [0x000F000F] * 8)
             with cgutils.for_range(builder, args[2]) as loop:
                 row_words = builder.gep(words_at, [builder.mul(loop.index, ir.Constant(loop.index.type, VECTORS))])
