@@ -23,7 +23,7 @@ from .gptq import PackedLayer
 from .kernels.ggml import BLOCK, BLOCK_BYTES
 from .kernels.gptq import block_columns, block_groups, pack_rows
 from .linear import DenseLinear, GGUFLinear, GPTQLinear
-from .model import Layer, Model, Weights
+from .model import Layer, Model, Weights, fuse_projections
 from .rope import interleaved_to_half
 from .tokenizer import load_gguf_tokenizer
 from .weights import StoredTensor, release_pages
@@ -163,7 +163,7 @@ def load_gguf(path: str | Path) -> Model:
                 parts[meta] = gguf_linear(tensor, q_k_row_order(tensor.data.shape[0], heads))
             else:
                 parts[meta] = gguf_linear(tensor)
-        layers.append(Layer(**parts))
+        layers.append(fuse_projections(Layer(**parts)))
     table = embedding_table(get("token_embd.weight"))
     output = gguf_linear(get("output.weight" if "output.weight" in tensors else "token_embd.weight"))
     weights = Weights(tok_embeddings=table, layers=tuple(layers), norm=vector(get("output_norm.weight")),

@@ -15,7 +15,7 @@ from .errors import CheckpointError
 from .gptq import GPTQConfig, find_gptq_config, prepare_layer
 from .tokenizer import has_tokenizer, load_tokenizer
 from .linear import DenseLinear, GPTQLinear
-from .model import Layer, Model, Weights
+from .model import Layer, Model, Weights, fuse_projections
 from .weights import StoredTensor, read_checkpoint
 
 # HF name (per layer, after "model.layers.{i}.") -> Meta name
@@ -116,7 +116,7 @@ def build_weights(tensors: dict[str, StoredTensor], config: ModelConfig, gptq: G
         p = f"model.layers.{i}."
         parts = {meta: tensors[p + hf + ".weight"].to_float32() if hf.endswith("layernorm") else linear(p + hf)
                  for hf, meta in LAYER_NAMES.items()}
-        layers.append(Layer(**parts))
+        layers.append(fuse_projections(Layer(**parts)))
     embedding = tensors["model.embed_tokens.weight"]
     output = DenseLinear(embedding) if config.tie_word_embeddings else linear("lm_head")
     return Weights(tok_embeddings=embedding, layers=tuple(layers),

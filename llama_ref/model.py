@@ -14,7 +14,7 @@ from threadpoolctl import ThreadpoolController
 
 from .config import ModelConfig
 from .errors import ContextLengthError, LlamaRefError
-from .linear import GGUFLinear, Linear
+from .linear import GGUFLinear, Linear, fuse, project
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 from .weights import StoredTensor
 
@@ -30,6 +30,14 @@ class Layer:
     w1: Linear                  # gate: hidden -> intermediate
     w2: Linear                  # down: intermediate -> hidden
     w3: Linear                  # up:   hidden -> intermediate
+
+
+def fuse_projections(layer: Layer) -> Layer:
+    """The layer with q, k, v and gate, up each sharing one packed matrix where their
+    storage allows it (linear.fuse): one kernel call for each set."""
+    wq, wk, wv = fuse(layer.wq, layer.wk, layer.wv)
+    w1, w3 = fuse(layer.w1, layer.w3)
+    return replace(layer, wq=wq, wk=wk, wv=wv, w1=w1, w3=w3)
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,8 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 def feed_forward(x: np.ndarray, layer: Layer) -> np.ndarray:
     """SwiGLU (Shazeer 2020): w2(silu(w1 x) ⊙ w3 x).  x (n, hidden)."""
-    return layer.w2(silu(layer.w1(x)) * layer.w3(x))
+    gate, up = project(x, layer.w1, layer.w3)
+    return layer.w2(silu(gate) * up)
 
 
 def causal_mask(n: int, start_pos: int) -> np.ndarray:
@@ -140,9 +149,10 @@ def forward(config: ModelConfig, weights: Weights, tokens: np.ndarray, start_pos
     x = embed(tokens.reshape(-1), weights.tok_embeddings)               # (b * n, hidden)
     for i, layer in enumerate(weights.layers):
         h = rms_norm(x, layer.attention_norm, config.rms_norm_eps)     # (b * n, hidden)
-        q = apply_rope(layer.wq(h).reshape(b, n, n_heads, d), cos, sin)  # (b, n, n_heads, d)
-        k = apply_rope(layer.wk(h).reshape(b, n, n_kv_heads, d), cos, sin)  # (b, n, n_kv_heads, d)
-        v = layer.wv(h).reshape(b, n, n_kv_heads, d)                    # (b, n, n_kv_heads, d)
+        q, k, v = project(h, layer.wq, layer.wk, layer.wv)
+        q = apply_rope(q.reshape(b, n, n_heads, d), cos, sin)           # (b, n, n_heads, d)
+        k = apply_rope(k.reshape(b, n, n_kv_heads, d), cos, sin)        # (b, n, n_kv_heads, d)
+        v = v.reshape(b, n, n_kv_heads, d)                              # (b, n, n_kv_heads, d)
         out = [attention(q[j], *caches[j].update(i, start_pos, k[j], v[j]), start_pos)
                for j in range(b)]                                       # b x (n, n_heads * d)
         x = x + layer.wo(np.concatenate(out))

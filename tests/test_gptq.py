@@ -24,7 +24,7 @@ from llama_ref.kernels.gptq import (RUN_INPUTS, X_LEVELS, activation_runs, block
                                     dequantize_numpy, gptq_matmul_small, gptq_matmul_tiled, matmul_small_numpy,
                                     pack_columns, pack_rows, quantize_activations, quantize_activations_numpy,
                                     unblock_columns, unblock_groups, unpack_columns, unpack_rows)
-from llama_ref.linear import GPTQLinear  # noqa: E402
+from llama_ref.linear import GPTQLinear, fuse, project  # noqa: E402
 from llama_ref.weights import StoredTensor  # noqa: E402
 from conftest import _fetch, load_reference, make_checkpoint, relative_error  # noqa: E402
 
@@ -261,6 +261,30 @@ def test_portable_dot_equals_the_avx2_instruction():
         acc = np.full((TERMS, 64), 7, np.int32)                                 # overwritten, not added to
         run(make_dot_codes(native, TERMS))(words, pairs, acc)
         assert np.array_equal(acc, expected), f"native={native}"
+
+
+def test_fused_projections_equal_the_separate_ones():
+    """q, k, v (and gate, up) share one packed matrix and one kernel call; each output equals
+    what its Linear gives alone, and each member still works alone. Different grouping or
+    row orders are not fused."""
+    rng = np.random.default_rng(10)
+    separate = []
+    for d_out in (96, 64, 136):                         # widths that are and are not multiples of 64
+        tensors, _ = random_pack(rng, 512, d_out, 128, sym=False, act_order=False)
+        separate.append(packed_linear(tensors, 128))
+    separate[1].bias = rng.standard_normal(64).astype(np.float32)
+    fused = fuse(*separate)
+    assert all(member.fused is fused[0].fused for member in fused)
+    for n in (1, 5, 40):                                # the decode kernel and the tiled path
+        x = rng.standard_normal((n, 512)).astype(np.float32)
+        for ours, alone, member in zip(project(x, *fused), [linear(x) for linear in separate], fused):
+            assert ours.shape == alone.shape
+            tolerance = 0 if n <= 32 else 1e-6             # BLAS may round a wider tile differently
+            assert relative_error(ours, alone) <= tolerance and relative_error(member(x), ours) <= tolerance
+    other_groups, _ = random_pack(rng, 512, 64, 64, sym=False)
+    assert fuse(separate[0], packed_linear(other_groups, 64))[0].fused is None
+    act_order, _ = random_pack(rng, 512, 64, 128, sym=False, act_order=True)
+    assert fuse(separate[0], packed_linear(act_order, 128))[0].fused is None
 
 
 def test_odd_output_widths_and_missing_g_idx():
