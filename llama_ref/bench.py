@@ -44,9 +44,8 @@ BENCH_SEED_IDS = 3      # prompts are the ids 3, 4, 5, ...: ordinary tokens in b
 
 def measure_ours(path: str, threads: int) -> dict:
     """Load, prefill, decode with this engine (runs inside the worker process)."""
+    import llama_ref  # first: its kernels package sets GOMP_SPINCOUNT before Numba starts its threads
     import numba
-
-    import llama_ref
     numba.set_num_threads(threads)
     started = time.perf_counter()
     model = llama_ref.load_model(path)

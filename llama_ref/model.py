@@ -9,11 +9,13 @@ token at absolute position start_pos + i.
 """
 from dataclasses import dataclass, replace
 
+import numba
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from .config import ModelConfig
 from .errors import ContextLengthError, LlamaRefError
+from .kernels.dense import SMALL_BATCH
 from .linear import GGUFLinear, Linear, fuse, project
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 from .weights import StoredTensor
@@ -237,8 +239,11 @@ class Model:
         bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
         if bad.size:
             raise ValueError(f"tokens: id {int(bad[0])} is outside the vocabulary 0..{self.config.vocab_size - 1}")
-        # The Numba kernels already use every core. OpenBLAS threads, which keep spinning after
-        # each call, would fight them for the same cores (measured: prefill 10x slower), so
-        # BLAS runs single-threaded inside the forward pass.
-        with self._threadpools.limit(limits=1, user_api="blas"):
+        # Decoding: the Numba kernels already use every core, and OpenBLAS threads, which keep
+        # spinning after each call, would fight them for the same cores, so BLAS runs
+        # single-threaded. Prefill (more than SMALL_BATCH rows) is mostly BLAS on dequantized
+        # tiles; there BLAS gets every core (128 tokens through two 13B-shaped layers: 3.3 s
+        # instead of 4.0 s, once kernels/__init__.py has shortened the Numba workers' spinning).
+        blas_threads = numba.get_num_threads() if ids.size > SMALL_BATCH else 1
+        with self._threadpools.limit(limits=blas_threads, user_api="blas"):
             return forward(self.config, self.weights, ids, start_pos, caches)
