@@ -15,10 +15,13 @@ from threadpoolctl import ThreadpoolController
 
 from .config import ModelConfig
 from .errors import ContextLengthError, LlamaRefError
-from .kernels.dense import SMALL_BATCH
 from .linear import GGUFLinear, Linear, fuse, project
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 from .weights import StoredTensor
+
+
+# rows x hidden size from which prefill gives BLAS every core: 128 tokens of a 2048-wide model
+PARALLEL_BLAS_WORK = 128 * 2048
 
 
 @dataclass(frozen=True)
@@ -239,11 +242,11 @@ class Model:
         bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
         if bad.size:
             raise ValueError(f"tokens: id {int(bad[0])} is outside the vocabulary 0..{self.config.vocab_size - 1}")
-        # Decoding: the Numba kernels already use every core, and OpenBLAS threads, which keep
-        # spinning after each call, would fight them for the same cores, so BLAS runs
-        # single-threaded. Prefill (more than SMALL_BATCH rows) is mostly BLAS on dequantized
-        # tiles; there BLAS gets every core (128 tokens through two 13B-shaped layers: 3.3 s
-        # instead of 4.0 s, once kernels/__init__.py has shortened the Numba workers' spinning).
-        blas_threads = numba.get_num_threads() if ids.size > SMALL_BATCH else 1
-        with self._threadpools.limit(limits=blas_threads, user_api="blas"):
+        # The Numba kernels already use every core, and OpenBLAS threads, which keep spinning
+        # after each call, would fight them for the same cores: BLAS runs single-threaded,
+        # except for a prefill big enough that BLAS on the dequantized tiles dominates (measured
+        # with 128 tokens and kernels/__init__.py's shorter spin: 13B shape 2.0 -> 2.3 tokens/s
+        # with every core for BLAS, SmolLM2's 576-wide layers 165 -> 85).
+        big = ids.size * self.config.hidden_size >= PARALLEL_BLAS_WORK
+        with self._threadpools.limit(limits=numba.get_num_threads() if big else 1, user_api="blas"):
             return forward(self.config, self.weights, ids, start_pos, caches)
