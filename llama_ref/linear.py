@@ -85,10 +85,11 @@ class FusedGPTQ:
 
     def __init__(self, linears: list[GPTQLinear]):
         first = linears[0].layer
-        self.layer = dataclasses.replace(
-            first, blocks=np.concatenate([linear.layer.blocks for linear in linears]),
-            scales=np.concatenate([linear.layer.scales for linear in linears]),
-            zeros=np.concatenate([linear.layer.zeros for linear in linears]), out_features=0)
+        blocks = np.concatenate([linear.layer.blocks for linear in linears])
+        self.layer = dataclasses.replace(                                   # every member's padded columns
+            first, blocks=blocks, scales=np.concatenate([linear.layer.scales for linear in linears]),
+            zeros=np.concatenate([linear.layer.zeros for linear in linears]),
+            out_features=blocks.shape[0] * blocks.shape[2])
         self.members, self.columns = [], []
         start = 0
         for linear in linears:
