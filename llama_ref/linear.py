@@ -93,15 +93,14 @@ class FusedGPTQ:
         self.members, self.columns = [], []
         start = 0
         for linear in linears:
-            blocks = len(linear.layer.blocks)
-            part = dataclasses.replace(linear.layer, blocks=self.layer.blocks[start:start + blocks],
-                                       scales=self.layer.scales[start:start + blocks],
-                                       zeros=self.layer.zeros[start:start + blocks])
+            stop = start + len(linear.layer.blocks)
+            part = dataclasses.replace(linear.layer, blocks=self.layer.blocks[start:stop],
+                                       scales=self.layer.scales[start:stop], zeros=self.layer.zeros[start:stop])
             member = GPTQLinear(linear.name, part, linear.bias)
             member.fused = self
             self.members.append(member)
             self.columns.append(start * first.blocks.shape[2])
-            start += blocks
+            start = stop
 
     @staticmethod
     def compatible(linears) -> bool:
