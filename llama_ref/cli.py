@@ -294,7 +294,7 @@ def main(argv=None) -> int:
     symmetry.add_argument("--sym", action="store_true", default=True, help="zero point 8 (the default)")
     symmetry.add_argument("--asym", action="store_true", help="a zero point per group")
     quant.add_argument("--damp", type=float, default=0.01, help="dampening, a fraction of mean(diag H)")
-    quant.add_argument("--calibration", help="a text file (default: the bundled Alice in Wonderland)")
+    quant.add_argument("--calibration", help="a text file (default: the bundled public-domain prose and verse, llama_ref/data/calibration.txt)")
     quant.add_argument("--samples", type=int, default=128, help="calibration windows")
     quant.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
     quant.add_argument("--format", default="gptq", choices=["gptq", "gptq_v2"], help="v1 or v2 zero points")
