@@ -40,11 +40,13 @@ def test_interactive_chat_streams_and_survives_ctrl_c(tmp_path):
     from llama_ref.synth import llama2_tokenizer_model
     from conftest import make_checkpoint
 
+    # An answer far longer than the test takes, so that it cannot end before the Ctrl-C lands
+    # (3000 tokens of this tiny model once did, on a fresh clone)
     directory = make_checkpoint(tmp_path / "m", overrides=dict(vocab_size=32000, eos_token_id=None,
-                                                               max_position_embeddings=4096))
+                                                               max_position_embeddings=65536))
     (directory / "tokenizer.model").write_bytes(llama2_tokenizer_model())
     chat = pexpect.spawn(sys.executable, ["-m", "llama_ref.cli", "chat", "--model", str(directory),
-                                          "--max-new-tokens", "3000", "--temperature", "1", "--seed", "1"],
+                                          "--max-new-tokens", "60000", "--temperature", "1", "--seed", "1"],
                          encoding="utf-8", timeout=120)
     chat.expect("> ")
     chat.sendline("Tell me a very long story")
