@@ -1,5 +1,6 @@
 """The command line, run as a user runs it."""
 import json
+import signal
 import subprocess
 import sys
 
@@ -35,19 +36,23 @@ def test_errors_are_one_line_without_traceback_unless_debug(tmp_path):
     assert result.returncode == 1 and "Traceback" in result.stderr and "CheckpointError" in result.stderr
 
 
+def interruptible():
+    """A job that a shell started in the background (`cmd &`) inherits SIGINT ignored, and so
+    would the chat: Ctrl-C as a terminal user sends it needs the default disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interactive_chat_streams_and_survives_ctrl_c(tmp_path):
     import pexpect
     from llama_ref.synth import llama2_tokenizer_model
     from conftest import make_checkpoint
 
-    # An answer far longer than the test takes, so that it cannot end before the Ctrl-C lands
-    # (3000 tokens of this tiny model once did, on a fresh clone)
     directory = make_checkpoint(tmp_path / "m", overrides=dict(vocab_size=32000, eos_token_id=None,
-                                                               max_position_embeddings=65536))
+                                                               max_position_embeddings=4096))
     (directory / "tokenizer.model").write_bytes(llama2_tokenizer_model())
     chat = pexpect.spawn(sys.executable, ["-m", "llama_ref.cli", "chat", "--model", str(directory),
-                                          "--max-new-tokens", "60000", "--temperature", "1", "--seed", "1"],
-                         encoding="utf-8", timeout=120)
+                                          "--max-new-tokens", "3000", "--temperature", "1", "--seed", "1"],
+                         encoding="utf-8", timeout=120, preexec_fn=interruptible)
     chat.expect("> ")
     chat.sendline("Tell me a very long story")
     chat.expect("story\r\n")           # the terminal's echo of the line
