@@ -23,7 +23,8 @@ Where this follows the reference code (IST-DASLab gptq.py, AutoGPTQ, gptqmodel) 
 - A group is quantized with its fp32 scale and the scale is stored as fp16, as in the
   reference. Rounding the scale to fp16 first, so that the propagated errors are those of
   the weights as stored, was measured worse: 0.9% higher error on held-out inputs on
-  SmolLM2 at group size 128 (benchmarks/layer_error.py) and higher perplexity.
+  SmolLM2 at group size 128 (benchmarks/layer_error.py). Perplexity moved both ways, inside
+  its draw-to-draw noise.
 - sym: the grid is ±max|w| even when the group has no negative weight (the reference then
   keeps xmin = 0 with zero point 8 and clips the upper half of its range).
 - asym with v1 zero points ("gptq", stored as zero - 1): a zero point of 0 cannot be stored
