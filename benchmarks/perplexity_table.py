@@ -39,6 +39,7 @@ from llama_ref.perplexity import perplexity  # noqa: E402
 from llama_ref.quantize import DEFAULT_CALIBRATION, QuantizeSettings, calibration_windows, quantize  # noqa: E402
 
 HELD_OUT = ("brotli==1.2.1", "brotli-1.2.1/tests/testdata/lcet10.txt")
+GROUP_SIZES = (32, 64, 128)
 
 
 def held_out_text(path: str | None = None) -> str:
@@ -47,7 +48,6 @@ def held_out_text(path: str | None = None) -> str:
         return Path(path).read_text()
     package, member = HELD_OUT
     return fetch_package_files(package, [member], "sdist")[member].read_text()
-GROUP_SIZES = (32, 64, 128)
 
 
 def main():
