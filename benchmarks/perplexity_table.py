@@ -3,6 +3,7 @@ its GGUF) at 4 bits, round-to-nearest vs our GPTQ vs gptqmodel's GPTQ, on held-o
 
     .venv/bin/python benchmarks/perplexity_table.py [--samples 128] [--seq-len 256] [--eval-tokens 16384]
         [--seeds 1] [--first-seed 0] [--group-sizes 32,64,128]
+    .venv/bin/python benchmarks/perplexity_table.py --merge RUN.json ...
 
 - Calibration: the same token windows for both quantizers (the default calibration text,
   llama_ref/data/calibration.txt), passed to gptqmodel as token ids. With --seeds K, each
@@ -18,7 +19,13 @@ its GGUF) at 4 bits, round-to-nearest vs our GPTQ vs gptqmodel's GPTQ, on held-o
   lcet10.txt of the Canterbury corpus, from the brotli source package), first --eval-tokens
   tokens, windows of 512 with no overlap. Every row is evaluated by llama_ref.perplexity,
   which the tests check against transformers.
-Prints a Markdown table and a JSON line with every number.
+Prints a Markdown table and a JSON line with every number. --merge reads such JSON lines
+(each file's last line), from runs with the same settings and different seeds, and prints the
+table of all their draws together, so that draws can be added one run at a time.
+
+Below the table, the ratio of the increases over fp32, (ours - fp32) / (gptqmodel's - fp32),
+is taken per draw (both quantizers saw the same windows) and pooled over every setting and
+draw: its mean and standard error say whether the two differ beyond draw noise.
 """
 import argparse
 import hashlib
@@ -59,7 +66,11 @@ def main():
     parser.add_argument("--seeds", type=int, default=1, help="draws of the calibration windows per GPTQ row")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--group-sizes", default=",".join(map(str, GROUP_SIZES)))
+    parser.add_argument("--merge", nargs="+", metavar="RUN.json", help="print the table of earlier runs' JSON lines")
     args = parser.parse_args()
+    if args.merge:
+        print(table(merge([json.loads(Path(run).read_text().strip().splitlines()[-1]) for run in args.merge])))
+        return
 
     source = load_model("default")
     tokenizer = source.tokenizer
@@ -86,7 +97,8 @@ def main():
                   f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
         return theirs
 
-    results = {"fp32": score(source), "rows": []}
+    settings = dict(samples=args.samples, seq_len=args.seq_len, eval_tokens=len(held_out), context=args.context)
+    results = {"settings": settings, "seeds": list(seeds), "fp32": score(source), "rows": []}
     print(f"fp32 (the GGUF, dequantized): {results['fp32']}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as scratch:
         for group_size in map(int, args.group_sizes.split(",")):
@@ -103,15 +115,39 @@ def main():
                         row["gptqmodel"].append(score(load_model(gptqmodel(group_size, act_order, seed))))
                     print(row, file=sys.stderr)
                 results["rows"].append(row)
-    print(table(results, args))
+    print(table(results))
     print(json.dumps(results))
 
 
-def table(results: dict, args) -> str:
-    fp32 = results["fp32"]
-    draws = f", mean of {args.seeds} draws of the windows (min-max)" if args.seeds > 1 else ""
-    lines = [f"Perplexity on {args.eval_tokens} held-out tokens (context {args.context}); fp32 = {fp32}. "
-             f"Calibration: {args.samples} x {args.seq_len} tokens{draws}.", "",
+def merge(runs: list[dict]) -> dict:
+    """One result with every run's draws: the runs must share settings, fp32 and RTN (which no seed changes)."""
+    first = runs[0]
+    for run in runs[1:]:
+        if run["settings"] != first["settings"] or run["fp32"] != first["fp32"]:
+            sys.exit(f"--merge: the runs differ in settings or fp32: {first['settings']} fp32 {first['fp32']} "
+                     f"vs {run['settings']} fp32 {run['fp32']}")
+    seeds = [seed for run in runs for seed in run["seeds"]]
+    if len(set(seeds)) < len(seeds):
+        sys.exit(f"--merge: a seed appears in two runs: {seeds}")
+    by_setting = [{(row["group_size"], row["method"], row["act_order"]): row for row in run["rows"]} for run in runs]
+    rows = []
+    for setting, row in by_setting[0].items():
+        same = [run_rows[setting] for run_rows in by_setting]
+        if row["method"] == "rtn":
+            if any(other["ours"] != row["ours"] for other in same):
+                sys.exit(f"--merge: RTN at group size {row['group_size']} differs between runs")
+            rows.append(row)
+        else:
+            rows.append({**row, **{field: [value for other in same for value in other[field]]
+                                   for field in ("ours", "seconds", "gptqmodel")}})
+    return {**first, "seeds": seeds, "rows": rows}
+
+
+def table(results: dict) -> str:
+    fp32, settings, draws = results["fp32"], results["settings"], len(results["seeds"])
+    described = f", mean of {draws} draws of the windows (min-max)" if draws > 1 else ""
+    lines = [f"Perplexity on {settings['eval_tokens']} held-out tokens (context {settings['context']}); "
+             f"fp32 = {fp32}. Calibration: {settings['samples']} x {settings['seq_len']} tokens{described}.", "",
              "| group size | act-order | RTN | our GPTQ | gptqmodel GPTQ | our increase over fp32 vs gptqmodel's |",
              "|---|---|---|---|---|---|"]
 
@@ -120,12 +156,18 @@ def table(results: dict, args) -> str:
         return mean if len(values) == 1 else f"{mean} ({min(values):.2f}-{max(values):.2f})"
 
     rtn = {row["group_size"]: row["ours"][0] for row in results["rows"] if row["method"] == "rtn"}
+    per_draw = []
     for row in results["rows"]:
         if row["method"] != "gptq":
             continue
         relative = (np.mean(row["ours"]) - fp32) / (np.mean(row["gptqmodel"]) - fp32) - 1
+        per_draw += [(ours - fp32) / (theirs - fp32) - 1 for ours, theirs in zip(row["ours"], row["gptqmodel"])]
         lines.append(f"| {row['group_size']} | {'on' if row['act_order'] else 'off'} | {rtn[row['group_size']]} | "
                      f"{cell(row['ours'])} | {cell(row['gptqmodel'])} | {relative:+.1%} |")
+    if len(per_draw) > 1:
+        lines += ["", f"Our increase over fp32 vs gptqmodel's, per draw over every setting ({len(per_draw)} pairs): "
+                      f"mean {np.mean(per_draw):+.1%} ± {np.std(per_draw, ddof=1) / np.sqrt(len(per_draw)):.1%} "
+                      f"(standard error), range {min(per_draw):+.1%} to {max(per_draw):+.1%}."]
     return "\n".join(lines)
 
 
