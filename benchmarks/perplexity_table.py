@@ -21,7 +21,8 @@ its GGUF) at 4 bits, round-to-nearest vs our GPTQ vs gptqmodel's GPTQ, on held-o
   which the tests check against transformers.
 Prints a Markdown table and a JSON line with every number. --merge reads such JSON lines
 (each file's last line), from runs with the same settings and different seeds, and prints the
-table of all their draws together, so that draws can be added one run at a time.
+table of all their draws together, so that draws can be added one run at a time; the README's
+runs are in benchmarks/results/.
 
 Below the table, the ratio of the increases over fp32, (ours - fp32) / (gptqmodel's - fp32),
 is taken per draw (both quantizers saw the same windows) and pooled over every setting and
