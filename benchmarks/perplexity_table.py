@@ -123,14 +123,14 @@ def main():
 def merge(runs: list[dict]) -> dict:
     """One result with every run's draws: the runs must share settings, fp32 and RTN (which no seed changes)."""
     first = runs[0]
-    for run in runs[1:]:
-        if run["settings"] != first["settings"] or run["fp32"] != first["fp32"]:
-            sys.exit(f"--merge: the runs differ in settings or fp32: {first['settings']} fp32 {first['fp32']} "
-                     f"vs {run['settings']} fp32 {run['fp32']}")
+    by_setting = [{(row["group_size"], row["method"], row["act_order"]): row for row in run["rows"]} for run in runs]
+    for run, run_rows in zip(runs[1:], by_setting[1:]):
+        if run["settings"] != first["settings"] or run["fp32"] != first["fp32"] or run_rows.keys() != by_setting[0].keys():
+            sys.exit(f"--merge: the runs differ in settings, fp32 or rows: {first['settings']} fp32 {first['fp32']} "
+                     f"{sorted(by_setting[0])} vs {run['settings']} fp32 {run['fp32']} {sorted(run_rows)}")
     seeds = [seed for run in runs for seed in run["seeds"]]
     if len(set(seeds)) < len(seeds):
         sys.exit(f"--merge: a seed appears in two runs: {seeds}")
-    by_setting = [{(row["group_size"], row["method"], row["act_order"]): row for row in run["rows"]} for run in runs]
     rows = []
     for setting, row in by_setting[0].items():
         same = [run_rows[setting] for run_rows in by_setting]
@@ -156,13 +156,16 @@ def table(results: dict) -> str:
         mean = f"{np.mean(values):.3f}"
         return mean if len(values) == 1 else f"{mean} ({min(values):.2f}-{max(values):.2f})"
 
+    def relative_increase(ours: float, theirs: float) -> float:
+        return (ours - fp32) / (theirs - fp32) - 1
+
     rtn = {row["group_size"]: row["ours"][0] for row in results["rows"] if row["method"] == "rtn"}
     per_draw = []
     for row in results["rows"]:
         if row["method"] != "gptq":
             continue
-        relative = (np.mean(row["ours"]) - fp32) / (np.mean(row["gptqmodel"]) - fp32) - 1
-        per_draw += [(ours - fp32) / (theirs - fp32) - 1 for ours, theirs in zip(row["ours"], row["gptqmodel"])]
+        relative = relative_increase(np.mean(row["ours"]), np.mean(row["gptqmodel"]))
+        per_draw += [relative_increase(ours, theirs) for ours, theirs in zip(row["ours"], row["gptqmodel"])]
         lines.append(f"| {row['group_size']} | {'on' if row['act_order'] else 'off'} | {rtn[row['group_size']]} | "
                      f"{cell(row['ours'])} | {cell(row['gptqmodel'])} | {relative:+.1%} |")
     if len(per_draw) > 1:
