@@ -3,7 +3,7 @@
     python benchmarks/bench_dense.py [--layers 22 --hidden 2048 --intermediate 5632 ...]
 
 The default shape is TinyLlama-1.1B's (2.2 GB in fp16), with random weights written once
-to $LLAMA_REF_HOME/bench/, measured as `llama-ref bench` measures (llama_ref/bench.py: a
+to $LLAMA_REF_HOME/bench/, measured as `llama-ref bench` measures (llama_ref/tools/bench.py: a
 fresh process, 128-token prefill, 32 tokens decoded after 16). Two ratios are printed:
   - peak RSS / checkpoint file size (target: <= 1.2; the weights are memory-mapped), and
   - the memory bandwidth decoding implies (weight bytes read per token * tokens/s) over the
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_ref.assets import cache_home
-from llama_ref.bench import DECODE, PREFILL, PROMPT, read_bandwidth, run_once
+from llama_ref.tools.assets import cache_home
+from llama_ref.tools.bench import DECODE, PREFILL, PROMPT, read_bandwidth, run_once
 
 HOME = cache_home()
 

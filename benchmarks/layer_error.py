@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from perplexity_table import held_out_text  # noqa: E402
 from llama_ref import load_model  # noqa: E402
-from llama_ref.model import Model  # noqa: E402
-from llama_ref.quantize import LINEARS  # noqa: E402
+from llama_ref.api import Model  # noqa: E402
+from llama_ref.tools.quantize import LINEARS  # noqa: E402
 
 
 class Recording:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from perplexity_table import held_out_text  # noqa: E402
 from llama_ref import load_model  # noqa: E402
-from llama_ref.perplexity import perplexity  # noqa: E402
+from llama_ref.tools.perplexity import perplexity  # noqa: E402
 
 
 def window_losses(model, ids: list[int], starts: range, context: int) -> np.ndarray:

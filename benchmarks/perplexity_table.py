@@ -1,4 +1,4 @@
-"""The README's perplexity table: SmolLM2-135M-Instruct (the default model, dequantized from
+"""The perplexity table of docs/quantization.md: SmolLM2-135M-Instruct (the default model, dequantized from
 its GGUF) at 4 bits, round-to-nearest vs our GPTQ vs gptqmodel's GPTQ, on held-out text.
 
     .venv/bin/python benchmarks/perplexity_table.py [--samples 128] [--seq-len 256] [--eval-tokens 16384]
@@ -17,11 +17,11 @@ its GGUF) at 4 bits, round-to-nearest vs our GPTQ vs gptqmodel's GPTQ, on held-o
   seed and a hash of the calibration text.
 - Held-out text: the Library of Congress "Workshop on Electronic Texts" proceedings (1992,
   lcet10.txt of the Canterbury corpus, from the brotli source package), first --eval-tokens
-  tokens, windows of 512 with no overlap. Every row is evaluated by llama_ref.perplexity,
+  tokens, windows of 512 with no overlap. Every row is evaluated by llama_ref.tools.perplexity,
   which the tests check against transformers.
 Prints a Markdown table and a JSON line with every number. --merge reads such JSON lines
 (each file's last line), from runs with the same settings and different seeds, and prints the
-table of all their draws together, so that draws can be added one run at a time; the README's
+table of all their draws together, so that draws can be added one run at a time; docs/quantization.md's
 runs are in benchmarks/results/.
 
 Below the table, the ratio of the increases over fp32, (ours - fp32) / (gptqmodel's - fp32),
@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import oracles  # noqa: E402
 from llama_ref import load_model  # noqa: E402
-from llama_ref.assets import cache_home, default_model, fetch_package_files  # noqa: E402
-from llama_ref.perplexity import perplexity  # noqa: E402
-from llama_ref.quantize import DEFAULT_CALIBRATION, QuantizeSettings, calibration_windows, quantize  # noqa: E402
+from llama_ref.tools.assets import cache_home, default_model, fetch_package_files  # noqa: E402
+from llama_ref.tools.perplexity import perplexity  # noqa: E402
+from llama_ref.tools.quantize import DEFAULT_CALIBRATION, QuantizeSettings, calibration_windows, quantize  # noqa: E402
 
 HELD_OUT = ("brotli==1.2.1", "brotli-1.2.1/tests/testdata/lcet10.txt")
 GROUP_SIZES = (32, 64, 128)

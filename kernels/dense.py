@@ -28,8 +28,6 @@ SMALL_BATCH = 32
 # Rows of W widened per BLAS call: about 8 MB of float32 for a 4096-wide layer.
 TILE_ROWS = 512
 
-STORAGE_DTYPES = {"F32": np.float32, "F16": np.uint16, "BF16": np.uint16}
-
 
 def _make_matmul(widen):
     @njit(parallel=True, fastmath=FASTMATH, cache=True)

@@ -1,5 +1,6 @@
-"""Matrix products on GGUF block-quantized weights (llama.cpp's Q8_0, Q4_0, Q4_1), kept as
-stored: each output row is its own run of blocks of 32 inputs.
+"""GGUF block-quantized weights (llama.cpp's Q8_0, Q4_0, Q4_1), kept as stored: each output
+row is its own run of blocks of 32 inputs. All three dequantize here (embedding rows); Q8_0
+also multiplies here, while Q4_0 and Q4_1 are re-laid out at load for gptq.py's kernels.
 
     Q8_0  34 bytes: d (fp16), then 32 int8 q          w = d * q
     Q4_0  18 bytes: d (fp16), then 16 bytes of nibbles w = d * (q - 8)
@@ -8,9 +9,8 @@ In Q4_0 and Q4_1, byte j of a block holds input j in its low nibble and input j 
 high nibble (ggml's dequantize_row_q4_0/q4_1).
 
 Contract, as for the dense kernels: x (n, in) float32 @ W (out, in) -> y (n, out) float32,
-with W given as its stored bytes (out, in / 32 * block bytes) uint8. A block's offset term
-is factored out of its sum: Σ x·(d·q + m) = d·Σ x·q + m·Σ x (Q4_0: m = -8·d). Each kernel
-has a NumPy twin (the test compares both with gguf.quants.dequantize).
+with W given as its stored bytes (out, in / 32 * block bytes) uint8. The kernel has a NumPy
+twin (the test compares both with gguf.quants.dequantize).
 """
 import numpy as np
 from numba import njit, prange
@@ -21,6 +21,9 @@ from .dense import FASTMATH, SMALL_BATCH, TILE_ROWS
 BLOCK = 32
 ROWS_PER_TASK = 64     # output rows per parallel task in the Q8_0 kernel
 BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+# Q4_0 and Q4_1 weights run through the 4-bit kernels of gptq.py instead, re-laid out at load
+# (several times faster than a per-row block kernel); their rows are still dequantized here.
+MATMUL_KINDS = ("Q8_0",)
 
 
 def _fp16(blocks: np.ndarray, offset: int) -> np.ndarray:
@@ -50,17 +53,6 @@ def _half(data, o, at):
     return f16_to_f32(np.uint16(data[o, at]) | (np.uint16(data[o, at + 1]) << np.uint16(8)))
 
 
-@njit(cache=True)
-def block_sums(x):
-    """Σ of x over each block of 32 inputs.  Returns (n, in/32) float32."""
-    n, d_in = x.shape
-    sums = np.zeros((n, d_in // BLOCK), dtype=np.float32)
-    for b in range(n):
-        for k in range(d_in // BLOCK):
-            sums[b, k] = x[b, k * BLOCK:(k + 1) * BLOCK].sum()
-    return sums
-
-
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def q8_0_matmul(x, data, signed):
     """data (out, row bytes) uint8 and `signed`, the same bytes viewed as int8.  Each row keeps
@@ -83,43 +75,17 @@ def q8_0_matmul(x, data, signed):
     return y
 
 
-def _make_q4_matmul(with_min):
-    header, block_bytes = (4, 20) if with_min else (2, 18)
-
-    @njit(parallel=True, fastmath=FASTMATH, cache=True)
-    def q4_matmul(x, data):
-        n, d_in = x.shape
-        sums = block_sums(x)                                             # (n, in/32)
-        y = np.zeros((n, data.shape[0]), dtype=np.float32)
-        for o in prange(data.shape[0]):
-            for k in range(d_in // BLOCK):
-                base = k * block_bytes
-                d = _half(data, o, base)
-                m = _half(data, o, base + 2) if with_min else np.float32(-8.0) * d
-                for b in range(n):
-                    acc = np.float32(0.0)
-                    for j in range(16):
-                        byte = data[o, base + header + j]
-                        acc += (x[b, k * BLOCK + j] * np.float32(byte & 15)
-                                + x[b, k * BLOCK + j + 16] * np.float32(byte >> 4))
-                    y[b, o] += d * acc + m * sums[b, k]
-        return y
-    return q4_matmul
-
-
-q4_0_matmul = _make_q4_matmul(False)
-q4_1_matmul = _make_q4_matmul(True)
-
-
 def matmul_small(x: np.ndarray, data: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "Q8_0":
-        return q8_0_matmul(x, data, data.view(np.int8))
-    return (q4_1_matmul if kind == "Q4_1" else q4_0_matmul)(x, data)
+    if kind not in MATMUL_KINDS:
+        raise ValueError(f"kind: the block kernels take {', '.join(MATMUL_KINDS)}, got {kind!r}")
+    return q8_0_matmul(x, data, data.view(np.int8))
 
 
 def matmul(x: np.ndarray, data: np.ndarray, kind: str) -> np.ndarray:
     """y = x @ Wᵀ: the row-parallel kernels for decoding, dequantized row tiles + BLAS for prefill."""
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if kind not in MATMUL_KINDS:
+        raise ValueError(f"kind: the block kernels take {', '.join(MATMUL_KINDS)}, got {kind!r}")
     if x.shape[0] <= SMALL_BATCH:
         return matmul_small(x, data, kind)
     y = np.empty((x.shape[0], data.shape[0]), dtype=np.float32)          # (n, out)

@@ -7,15 +7,19 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from . import load_model
-from .assets import AssetError, default_model
+from .api import load_model
+from .decoding.params import PROFILES, RULES, SamplingParams, sampling_params
+from .decoding.trace import explain, format_trace, plot_trace
 from .errors import CheckpointError, ConfigError, InputFileError, LlamaRefError
 from .tokenizer import TokenizerError
-from .explain import explain, format_trace, plot_trace
-from .perplexity import perplexity
-from .quantize import QuantizeSettings, quantize
-from .sampling import PROFILES, SamplingParams
-from .synth import SHAPES, write_synthetic_gptq
+from .tools.assets import AssetError, default_model
+from .tools.perplexity import perplexity
+from .tools.quantize import QuantizeSettings, quantize
+from .tools.synth import SHAPES, write_synthetic_gptq
+
+# The flags' own defaults where they differ from SamplingParams': greedy and short.
+SAMPLING_FLAGS = {"max_new_tokens": 32, "temperature": 0.0, "top_p": None, "top_k": None, "min_p": None,
+                  "repetition_penalty": None, "presence_penalty": None, "frequency_penalty": None, "seed": None}
 
 
 def parse_ids(text: str) -> list[int]:
@@ -35,13 +39,6 @@ def prompt_ids(model, args) -> list[int]:
         raise LlamaRefError(f"--prompt: {args.model} has no tokenizer (tokenizer.model or tokenizer.json); "
                             "pass --prompt-ids instead")
     return model.tokenizer.encode(args.prompt, bos=model.tokenizer.add_bos, eos=False)
-
-
-def sampling_params(args) -> SamplingParams:
-    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                          repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                          frequency_penalty=args.frequency_penalty, stop=tuple(args.stop), seed=args.seed,
-                          max_new_tokens=args.max_new_tokens, profile=args.profile)
 
 
 def start_generation(model, args, params: SamplingParams):
@@ -205,7 +202,7 @@ def cmd_serve(args) -> None:
     model = load_model(args.model)
     if model.tokenizer is None:
         raise LlamaRefError(f"--model {args.model}: serving needs a tokenizer (tokenizer.model or tokenizer.json)")
-    settings = ServerSettings(model_path=args.model, served_model_name=args.served_model_name, aliases=aliases,
+    settings = ServerSettings(served_model_name=args.served_model_name, aliases=aliases,
                               api_key=args.api_key, price_per_mtoken=args.price_per_mtoken, max_queue=args.max_queue)
     print(SERVE_BANNER.format(model=args.model, name=args.served_model_name, url=f"http://{args.host}:{args.port}"),
           file=sys.stderr, flush=True)
@@ -222,17 +219,15 @@ def add_prompt_arguments(parser) -> None:
 
 
 def add_sampling_arguments(parser) -> None:
-    """One flag per SamplingParams field (spec/sampling.md says what each does)."""
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default here) is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--presence-penalty", type=float, default=0.0)
-    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    """One flag per SamplingParams field, made from its rule (decoding/params.py; what each
+    does: docs/spec/sampling.md). SamplingParams checks the values, so a bad one is refused
+    with the same message as in the Python API and the server."""
+    for name, own_default in SAMPLING_FLAGS.items():
+        rule = RULES[name]
+        default = rule.default if own_default is None else own_default
+        parser.add_argument("--" + name.replace("_", "-"), type=rule.kind, default=default,
+                            help=f"{rule.help}; {rule.range()}, default {default}")
     parser.add_argument("--stop", action="append", default=[], help="a stop string; repeat for several")
-    parser.add_argument("--seed", type=int)
     parser.add_argument("--profile", default="reference", choices=PROFILES)
 
 
@@ -287,12 +282,9 @@ def main(argv=None) -> int:
     quant.add_argument("model", help="source: HF checkpoint directory, .gguf file, or 'default'")
     quant.add_argument("output", help="directory to create (must not exist); written whole or not at all")
     quant.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
-    quant.add_argument("--bits", type=int, default=4, choices=[4])
     quant.add_argument("--group-size", type=int, default=128, help="inputs per scale; -1 for one group per row")
     quant.add_argument("--act-order", action="store_true", help="quantize inputs by descending Hessian diagonal")
-    symmetry = quant.add_mutually_exclusive_group()
-    symmetry.add_argument("--sym", action="store_true", default=True, help="zero point 8 (the default)")
-    symmetry.add_argument("--asym", action="store_true", help="a zero point per group")
+    quant.add_argument("--asym", action="store_true", help="a zero point per group (default: symmetric, zero point 8)")
     quant.add_argument("--damp", type=float, default=0.01, help="dampening, a fraction of mean(diag H)")
     quant.add_argument("--calibration", help="a text file (default: the bundled public-domain prose and verse, llama_ref/data/calibration.txt)")
     quant.add_argument("--samples", type=int, default=128, help="calibration windows")

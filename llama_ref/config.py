@@ -48,11 +48,6 @@ class ModelConfig:
     torch_dtype: str | None = None
 
     @property
-    def n_rep(self) -> int:
-        """Query heads per key/value head (grouped-query attention)."""
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
     def context_length(self) -> int:
         """The longest sequence the model computes exactly.
 

@@ -1,8 +1,17 @@
-"""Errors a user can act on: each names the file, key or tensor at fault and the rule it broke."""
+"""Errors a user can act on: each names the file, key or tensor at fault and the rule it broke.
+
+An error about one input of a request or a call also carries that input's name as `param`
+(the name the Python API uses, e.g. "top_p", "messages", "prompt"), so that the server and
+the CLI report it without reading it back out of the message.
+"""
 
 
 class LlamaRefError(Exception):
     """Base class of every error llama-ref raises on purpose."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ConfigError(LlamaRefError, ValueError):

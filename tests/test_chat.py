@@ -1,5 +1,5 @@
 """Chat formats against Meta's formula on the sentencepiece library, transformers'
-apply_chat_template, mistral-common and the published strings (sampling-research.md §15, §17)."""
+apply_chat_template, mistral-common and the published strings (docs/spec/sampling.md §15, §17)."""
 import pytest
 import tokenizers
 import transformers
@@ -9,7 +9,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 import llama_ref
 from llama_ref import SamplingParams
-from llama_ref.chat import ChatFormatError, format_chat, native_text, render_template
+from llama_ref.decoding.chat import ChatFormatError, format_chat, native_text, render_template
 from llama_ref.tokenizer import load_tokenizer
 from conftest import make_checkpoint
 

@@ -44,7 +44,7 @@ def interruptible():
 
 def test_interactive_chat_streams_and_survives_ctrl_c(tmp_path):
     import pexpect
-    from llama_ref.synth import llama2_tokenizer_model
+    from llama_ref.tools.synth import llama2_tokenizer_model
     from conftest import make_checkpoint
 
     directory = make_checkpoint(tmp_path / "m", overrides=dict(vocab_size=32000, eos_token_id=None,

@@ -18,7 +18,8 @@ LLAMA2_7B = {  # meta-llama/Llama-2-7b-hf config.json as transformers 4.x wrote 
 
 def test_llama2_config_reads_with_defaults():
     config = ModelConfig.from_dict(LLAMA2_7B)
-    assert (config.head_dim, config.n_rep, config.rope_theta, config.rope_scaling) == (128, 1, 10000.0, None)
+    assert (config.head_dim, config.num_key_value_heads, config.rope_theta, config.rope_scaling) == (128, 32, 10000.0,
+                                                                                                   None)
     assert (config.bos_token_id, config.eos_token_ids, config.context_length) == (1, (2,), 4096)
 
 

@@ -7,8 +7,8 @@ from hypothesis import given, settings, strategies as st
 
 import llama_ref
 from llama_ref import SamplingParams
-from llama_ref.constrained import closing_text
-from llama_ref.synth import llama2_tokenizer_model
+from llama_ref.decoding.constrained import closing_text
+from llama_ref.tools.synth import llama2_tokenizer_model
 from llama_ref.tokenizer import load_gguf_tokenizer
 from conftest import CORPUS, make_checkpoint
 

@@ -1,4 +1,4 @@
-"""Incremental detokenization (spec/sampling.md steps 11 and 14; vectors D1-D3)."""
+"""Incremental detokenization (docs/spec/sampling.md steps 11 and 14; vectors D1-D3)."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st

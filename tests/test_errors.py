@@ -9,7 +9,7 @@ from safetensors.numpy import save_file
 
 import llama_ref
 from llama_ref import CheckpointError, ConfigError, ContextLengthError
-from llama_ref.weights import read_safetensors
+from llama_ref.formats.safetensors import read_safetensors
 
 
 @pytest.fixture

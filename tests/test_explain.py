@@ -5,8 +5,8 @@ import numpy as np
 
 import llama_ref
 from llama_ref import SamplingParams
-from llama_ref.explain import explain, format_trace, plot_trace
-from llama_ref.sampling import apply_repetition_penalty, apply_temperature, min_p_filter, top_k_filter, top_p_filter
+from llama_ref.decoding.trace import explain, format_trace, plot_trace
+from llama_ref.decoding.sampling import apply_repetition_penalty, apply_temperature, min_p_filter, top_k_filter, top_p_filter
 from test_cli import run_cli
 
 PARAMS = SamplingParams(temperature=0.7, top_k=6, top_p=0.8, min_p=0.5, repetition_penalty=1.5, seed=5)

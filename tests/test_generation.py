@@ -10,8 +10,8 @@ from hypothesis import given, settings, strategies as st
 import llama_ref
 from llama_ref import SamplingParams
 from llama_ref.errors import ContextLengthError
-from llama_ref.sampling import SamplingParamsError
-from llama_ref.stopping import find_stop, stop_prefix_length
+from llama_ref.decoding.params import SamplingParamsError
+from llama_ref.decoding.stopping import find_stop, stop_prefix_length
 from llama_ref.tokenizer.base import Tokenizer
 from conftest import load_reference
 
@@ -75,7 +75,7 @@ def scripted(pieces, **params):
     ids = [p if isinstance(p, int) else tokenizer.pieces.index(p) for p in pieces]
     model = ScriptedModel(tokenizer, ids)
     prompt = params.pop("prompt", ["Q"])
-    return llama_ref.model.Model.generate(model, [0] + [tokenizer.pieces.index(p) for p in prompt],
+    return llama_ref.Model.generate(model, [0] + [tokenizer.pieces.index(p) for p in prompt],
                                           SamplingParams(temperature=0, **params))
 
 
@@ -117,12 +117,12 @@ def test_max_new_tokens_zero_generates_nothing_and_finishes_with_length():
 def test_the_context_limits_the_response_and_a_prompt_too_long_is_an_error():
     tokenizer = PieceTokenizer(["a"])
     model = ScriptedModel(tokenizer, [2] * 10, context_length=5)
-    choice = llama_ref.model.Model.generate(model, [0, 2, 2], SamplingParams(temperature=0)).result().choices[0]
+    choice = llama_ref.Model.generate(model, [0, 2, 2], SamplingParams(temperature=0)).result().choices[0]
     assert (len(choice.tokens), choice.finish_reason) == (2, "length")
     with pytest.raises(ContextLengthError, match="prompt: 6 tokens do not fit in the model's context of 5"):
-        llama_ref.model.Model.generate(model, [0] * 6, SamplingParams())
+        llama_ref.Model.generate(model, [0] * 6, SamplingParams())
     with pytest.raises(SamplingParamsError, match="stop: stop strings need the model's tokenizer"):
-        llama_ref.model.Model.generate(SimpleNamespace(tokenizer=None, config=model.config), [0],
+        llama_ref.Model.generate(SimpleNamespace(tokenizer=None, config=model.config), [0],
                                        SamplingParams(stop=["x"]))
 
 
@@ -167,7 +167,7 @@ def llama_scripted(tokenizer, prompt_text, script, **params):
     model.config.eos_token_ids = (tokenizer.eos_id,)
     model.config.vocab_size = tokenizer.vocab_size
     prompt = tokenizer.encode(prompt_text, bos=True, eos=False)
-    return llama_ref.model.Model.generate(model, prompt, SamplingParams(temperature=0, **params))
+    return llama_ref.Model.generate(model, prompt, SamplingParams(temperature=0, **params))
 
 
 def _byte_piece(tokenizer, byte):
@@ -258,6 +258,6 @@ def test_a_text_prompt_gets_one_bos(llama_tokenizers):
     tokenizer = llama_tokenizers[0]
     model = ScriptedModel(tokenizer, [tokenizer.eos_id], context_length=256)
     model.config.vocab_size = tokenizer.vocab_size
-    generation = llama_ref.model.Model.generate(model, "<s> hi", SamplingParams(temperature=0))
+    generation = llama_ref.Model.generate(model, "<s> hi", SamplingParams(temperature=0))
     assert generation.prompt_ids == [tokenizer.bos_id, *tokenizer.encode_text("<s> hi")]
     assert generation.prompt_ids.count(tokenizer.bos_id) == 1   # typed "<s>" is text

@@ -18,14 +18,14 @@ os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 
 import llama_ref  # noqa: E402
 from llama_ref.errors import CheckpointError, ConfigError  # noqa: E402
-from llama_ref.gptq import GPTQConfig, prepare_layer  # noqa: E402
+from llama_ref.formats.gptq import GPTQConfig, prepare_layer  # noqa: E402
 from llama_ref.kernels.convert import f16_to_f32_numpy  # noqa: E402
 from llama_ref.kernels.gptq import (RUN_INPUTS, X_LEVELS, activation_runs, block_columns, block_groups,  # noqa: E402
                                     dequantize_numpy, gptq_matmul_small, gptq_matmul_tiled, matmul_small_numpy,
                                     pack_columns, pack_rows, quantize_activations, quantize_activations_numpy,
                                     unblock_columns, unblock_groups, unpack_columns, unpack_rows)
-from llama_ref.linear import GPTQLinear, fuse, project  # noqa: E402
-from llama_ref.weights import StoredTensor  # noqa: E402
+from llama_ref.nn.linear import GPTQLinear, fuse, project  # noqa: E402
+from llama_ref.formats.safetensors import StoredTensor  # noqa: E402
 from conftest import _fetch, load_reference, make_checkpoint, relative_error  # noqa: E402
 
 

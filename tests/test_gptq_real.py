@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 import llama_ref
 from llama_ref import SamplingParams
 from llama_ref.kernels.gptq import dequantize_numpy, unpack_columns
-from llama_ref.weights import read_checkpoint
+from llama_ref.formats.safetensors import read_checkpoint
 from conftest import GPTQ_VARIANTS, load_reference, relative_error
 from oracles import GPTQMODEL_ENV
 

@@ -1,4 +1,8 @@
-"""Each Numba kernel against its NumPy twin."""
+"""Each Numba kernel against its NumPy twin, and when the kernels' thread settings apply."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -62,3 +66,23 @@ def test_tiled_kernel_covers_a_partial_last_tile():
     x = rng.standard_normal((20, 64)).astype(np.float32)
     w = random_weight(rng, (d_out, 64), "F16")
     assert np.allclose(dense.matmul_tiled(x, w, "F16"), dense.matmul_numpy(x, w, "F16"), rtol=1e-5, atol=1e-5)
+
+
+SPIN_PROBE = """
+import os, sys
+import llama_ref
+print(os.environ.get("GOMP_SPINCOUNT"))
+llama_ref.load_model(sys.argv[1])
+print(os.environ.get("GOMP_SPINCOUNT"))
+"""
+
+
+@pytest.mark.parametrize("preset, expected", [(None, ["None", "30000"]), ("777", ["777", "777"])])
+def test_thread_settings_are_applied_by_load_model_not_by_import(checkpoint, preset, expected):
+    env = {key: value for key, value in os.environ.items() if key != "GOMP_SPINCOUNT"}
+    if preset is not None:
+        env["GOMP_SPINCOUNT"] = preset      # a value the user set wins
+    out = subprocess.run([sys.executable, "-c", SPIN_PROBE, str(checkpoint("mha"))], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == expected

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import llama_ref
-from llama_ref.model import forward
+from llama_ref.nn.transformer import forward
 from conftest import CASES, SMALL, load_reference, relative_error
 
 # Past max_position_embeddings dynamic NTK depends on the length of each forward call, in

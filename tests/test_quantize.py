@@ -14,10 +14,10 @@ import llama_ref
 from llama_ref.cli import main
 from llama_ref.kernels.gptq import dequantize_numpy, unpack_columns
 from llama_ref.kernels.quantize import gptq_columns, gptq_columns_numpy
-from llama_ref.perplexity import perplexity
-from llama_ref.quantize import (QuantizeError, QuantizeSettings, gptq, hessian_of,
+from llama_ref.tools.perplexity import perplexity
+from llama_ref.tools.quantize import (QuantizeError, QuantizeSettings, gptq, hessian_of,
                                 quantization_grid, quantize_model, round_to_nearest, write_checkpoint)
-from llama_ref.weights import read_checkpoint
+from llama_ref.formats.safetensors import read_checkpoint
 from conftest import load_reference, make_checkpoint
 from oracles import GPTQMODEL_ENV
 
@@ -123,7 +123,7 @@ def test_grid_rules():
     assert not np.array_equal(expected, expected.astype(np.float16).astype(np.float32))
     _, zero_v1 = quantization_grid(w, QuantizeSettings(sym=False))
     _, zero_v2 = quantization_grid(w, QuantizeSettings(sym=False, checkpoint_format="gptq_v2"))
-    assert zero_v2[1] == 0 and zero_v1[1] == 1   # v1 cannot store a zero point of 0 (ASSETS.md §1.5)
+    assert zero_v2[1] == 0 and zero_v1[1] == 1   # v1 cannot store a zero point of 0 (docs/formats.md, "Zero points of 0 in v1 checkpoints")
 
 
 def test_settings_are_checked():
@@ -178,7 +178,7 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
     def broken(*args):
         raise OSError("disk full")
-    monkeypatch.setattr("llama_ref.quantize.write_safetensors", broken)
+    monkeypatch.setattr("llama_ref.tools.quantize.write_safetensors", broken)
     with pytest.raises(OSError):
         write_checkpoint(model, quantized, tmp_path / "out" / "gptq", settings, source)
     assert list((tmp_path / "out").iterdir()) == []

@@ -2,7 +2,7 @@
 import numpy as np
 
 from llama_ref.config import ModelConfig
-from llama_ref.rope import apply_rope, interleaved_to_half, rope_cos_sin, rope_inv_freq
+from llama_ref.nn.rope import apply_rope, interleaved_to_half, rope_cos_sin, rope_inv_freq
 
 
 def meta_rope(q, positions, inv_freq):

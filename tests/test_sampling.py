@@ -1,4 +1,4 @@
-"""The sampler against the vectors of sampling-research.md §17 and an independent re-implementation."""
+"""The sampler against the vectors of docs/spec/sampling.md §17 and an independent re-implementation."""
 import math
 from dataclasses import astuple
 
@@ -9,9 +9,9 @@ from scipy import stats
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from llama_ref.sampling import (Sampler, SamplingParams, SamplingParamsError, apply_frequency_presence_penalties,
-                                apply_repetition_penalty, apply_temperature, min_p_filter, pipeline, top_k_filter,
-                                top_p_filter)
+from llama_ref.decoding.params import SamplingParams, SamplingParamsError
+from llama_ref.decoding.sampling import (Sampler, apply_frequency_presence_penalties, apply_repetition_penalty,
+                                         apply_temperature, min_p_filter, pipeline, top_k_filter, top_p_filter)
 
 
 def survivors(logits) -> set[int]:
@@ -50,6 +50,7 @@ def test_invalid_parameters_name_the_field_and_rule(kwargs, message):
     with pytest.raises(SamplingParamsError) as err:
         SamplingParams(**kwargs)
     assert message in str(err.value)
+    assert err.value.param in kwargs
 
 
 def test_neutral_values_are_accepted_and_a_single_stop_string_is_a_list():
@@ -146,7 +147,7 @@ def test_s7_empty_or_too_many_stop_strings_are_rejected():
 # --- the draw, reproduced by an independent implementation ---------------------------------
 
 def independent_sample(logits, params, prompt, generated, u):
-    """spec/sampling.md steps 3-10 written again, with plain Python loops and sorting."""
+    """docs/spec/sampling.md steps 3-10 written again, with plain Python loops and sorting."""
     z = [float(v) for v in logits]
     for j in set(prompt) | set(generated):
         z[j] = z[j] / params.repetition_penalty if z[j] > 0 else z[j] * params.repetition_penalty
@@ -245,8 +246,8 @@ def final_logits(params, logits, prompt=(), generated=()):
         sampler.accept(token)
     penalties, filters = pipeline(params, sampler)
     z = np.asarray(logits, dtype=np.float64)
-    for _, stage in penalties + ([] if params.greedy else filters):
-        z = stage(z)
+    for stage in penalties + ([] if params.greedy else filters):
+        z = stage.apply(z)
     return z
 
 

@@ -8,9 +8,10 @@ from hypothesis import given, settings, strategies as st
 from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                                                      TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from llama_ref.sampling import (Sampler, SamplingParams, apply_repetition_penalty, apply_temperature, min_p_filter,
-                                pipeline, top_k_filter, top_p_filter_ascending)
-from llama_ref.model import softmax
+from llama_ref.decoding.params import SamplingParams
+from llama_ref.decoding.sampling import (Sampler, apply_repetition_penalty, apply_temperature, min_p_filter, pipeline,
+                                         top_k_filter, top_p_filter_ascending)
+from llama_ref.nn.ops import softmax
 
 VOCAB = 48
 
@@ -91,8 +92,8 @@ def test_the_hf_chain_equals_generate_s_processor_list(hf_model, case):
     sampler = Sampler(params, history, len(logits))
     penalties, filters = pipeline(params, sampler)
     z = logits
-    for _, stage in penalties + ([] if params.greedy else filters):
-        z = stage(z)
+    for stage in penalties + ([] if params.greedy else filters):
+        z = stage.apply(z)
     assert_same_distribution(z, theirs)
 
 
@@ -104,5 +105,5 @@ def test_generate_builds_the_processors_in_the_order_of_the_hf_profile(hf_model)
                      "TopPLogitsWarper", "MinPLogitsWarper"]
     params = SamplingParams(profile="hf", temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, repetition_penalty=1.3)
     penalties, filters = pipeline(params, Sampler(params, [1], 8))
-    assert [name for name, _ in penalties + filters] == ["repetition_penalty", "temperature", "top_k", "top_p",
+    assert [stage.name for stage in penalties + filters] == ["repetition_penalty", "temperature", "top_k", "top_p",
                                                           "min_p"]

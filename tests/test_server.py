@@ -16,7 +16,9 @@ import httpx
 import openai
 import pytest
 
-from llama_ref.synth import llama2_tokenizer_model
+from llama_ref.decoding.params import RULES
+from llama_ref.server.schemas import ChatRequest, NativeRequest, sampling_field
+from llama_ref.tools.synth import llama2_tokenizer_model
 from conftest import make_checkpoint
 
 
@@ -266,6 +268,18 @@ def test_webhook_gets_the_final_body(server):
         receiver.shutdown()
     bad = httpx.post(f"{server.url}/v1/inference/tiny", json={**body, "webhook": "ftp://x"})
     assert bad.status_code == 400 and "webhook" in bad.json()["error"]
+
+
+def test_request_bounds_come_from_the_parameter_rules_and_only_narrow_them():
+    native = NativeRequest.model_json_schema()["properties"]
+    assert native["top_k"]["maximum"] == RULES["top_k"].high
+    assert native["top_p"]["exclusiveMinimum"] == RULES["top_p"].low
+    assert native["repetition_penalty"]["minimum"] == RULES["repetition_penalty"].low
+    chat = ChatRequest.model_json_schema()["properties"]
+    assert chat["temperature"]["maximum"] == 2 < RULES["temperature"].high      # OpenAI's own range
+    assert chat["top_k"]["maximum"] == 999 < RULES["top_k"].high
+    with pytest.raises(ValueError, match=r"temperature: \[0, 101\] is wider than its rule \[0, 100\]"):
+        sampling_field("temperature", high=101)
 
 
 def openai_error(response, status, param):

@@ -6,8 +6,8 @@ from safetensors import safe_open
 
 import llama_ref
 from llama_ref.kernels.gptq import unblock_columns
-from llama_ref.linear import GPTQLinear
-from llama_ref.synth import SHAPES, write_synthetic_gptq
+from llama_ref.nn.linear import GPTQLinear
+from llama_ref.tools.synth import SHAPES, write_synthetic_gptq
 
 
 def test_a_synthetic_llama_2_7b_layer_is_a_standard_gptq_checkpoint(tmp_path):

@@ -1,12 +1,15 @@
 """Incremental detokenization: feed generated ids one by one, get the text each one adds.
 
 The prefix/read-offset method of TGI (`Model.decode_token`) and vLLM V0, also what
-`tokenizers.decoders.DecodeStream` does (spec/sampling.md steps 11 and 14):
+`tokenizers.decoders.DecodeStream` does (docs/spec/sampling.md steps 11 and 14):
 
     prefix_text = decode(ids[prefix_offset:read_offset])
     new_text    = decode(ids[prefix_offset:])
     if new_text is longer and does not end in U+FFFD: emit new_text[len(prefix_text):]
     else: emit "" and wait for more ids
+
+Here the ids before prefix_offset are dropped as it advances, so the window `ids` always
+starts at the prefix and only `read_offset` is kept.
 
 Decoding a window that starts inside the prompt keeps the first generated token's leading
 space (" Hello": SentencePiece drops the space only at the start of a decoded string). A
@@ -25,8 +28,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids):
         self.tokenizer = tokenizer
         context = [int(i) for i in prompt_ids if not tokenizer.is_special(int(i))][-PREFIX_TOKENS:]
-        self.ids = context
-        self.prefix_offset = 0
+        self.ids = context                 # from the prefix offset on
         self.read_offset = len(context)
 
     def add(self, token_id: int) -> str:
@@ -39,7 +41,7 @@ class IncrementalDetokenizer:
             return ""
         # Drop ids before the new prefix: the window never grows past a few tokens.
         del self.ids[:self.read_offset]
-        self.prefix_offset, self.read_offset = 0, len(self.ids)
+        self.read_offset = len(self.ids)
         return new_text[len(prefix_text):]
 
     def flush(self) -> str:
@@ -49,6 +51,5 @@ class IncrementalDetokenizer:
         return new_text[len(prefix_text):]
 
     def _texts(self) -> tuple[str, str]:
-        """decode(ids[prefix_offset:read_offset]) and decode(ids[prefix_offset:])"""
-        return (self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset]),
-                self.tokenizer.decode(self.ids[self.prefix_offset:]))
+        """decode(ids[:read_offset]) and decode(ids): prefix_text and new_text."""
+        return self.tokenizer.decode(self.ids[:self.read_offset]), self.tokenizer.decode(self.ids)

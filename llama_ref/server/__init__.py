@@ -1,4 +1,5 @@
 """The HTTP server (`llama-ref serve`): see app.py."""
-from .app import ServerSettings, create_app
+from .app import create_app
+from .state import ServerSettings
 
 __all__ = ["ServerSettings", "create_app"]

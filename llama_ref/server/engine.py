@@ -15,8 +15,7 @@ class Busy(Exception):
 
 
 class Engine:
-    def __init__(self, model, max_queue: int):
-        self.model = model
+    def __init__(self, max_queue: int):
         self.max_queue = max_queue
         self.generated_tokens = 0              # every token any request produced (for tests and /health)
         self._admitted = 0

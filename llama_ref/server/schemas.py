@@ -1,10 +1,26 @@
 """Request bodies, one pydantic model per endpoint: every parameter once, with its default,
-bounds and meaning (spec/api.md). Unknown fields are rejected, not ignored."""
+bounds and meaning (docs/spec/api.md). Unknown fields are rejected, not ignored.
+
+A sampling parameter's range comes from its rule in decoding/params.py (`sampling_field`),
+narrowed where an API publishes a narrower one, so no bound is written twice.
+"""
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_STOPS = 16
+from ..decoding.params import MAX_STOP_STRINGS, RULES
+
+
+def sampling_field(name: str, default=..., *, low=None, high=None, description: str | None = None):
+    """The pydantic Field of sampling parameter `name`: its rule's default and range, or this
+    API's narrower range (never a wider one)."""
+    rule = RULES[name]
+    low = rule.low if low is None else low
+    high = rule.high if high is None else high
+    if low < rule.low or high > rule.high:
+        raise ValueError(f"{name}: [{low}, {high}] is wider than its rule {rule.range()}")
+    lower = {"gt": low} if rule.low_open and low == rule.low else {"ge": low}
+    return Field(rule.default if default is ... else default, **lower, le=high, description=description or rule.help)
 
 
 class ResponseFormat(BaseModel):
@@ -26,36 +42,36 @@ class Message(BaseModel):
 
 
 class Sampling(BaseModel):
-    """The sampling fields both APIs share (spec/sampling.md says what each does)."""
+    """The sampling fields both APIs share (docs/spec/sampling.md says what each does)."""
     model_config = ConfigDict(extra="forbid")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
-    top_k: int = Field(0, ge=0, lt=1000, description="keep the k most likely tokens; 0 = off")
-    min_p: float = Field(0.0, ge=0, le=1, description="drop tokens below min_p times the top probability")
-    repetition_penalty: float = Field(1.0, ge=0.01, le=5, description="multiplicative; 1 = off")
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    stop: str | list[str] = Field(default_factory=list, description=f"at most {MAX_STOPS} stop strings")
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    top_p: float = sampling_field("top_p")
+    top_k: int = sampling_field("top_k", high=999)
+    min_p: float = sampling_field("min_p")
+    repetition_penalty: float = sampling_field("repetition_penalty")
+    presence_penalty: float = sampling_field("presence_penalty")
+    frequency_penalty: float = sampling_field("frequency_penalty")
+    stop: str | list[str] = Field(default_factory=list, description=f"at most {MAX_STOP_STRINGS} stop strings")
+    seed: int | None = sampling_field("seed")
     response_format: ResponseFormat = Field(default_factory=ResponseFormat)
 
 
 class NativeRequest(Sampling):
     """POST /v1/inference/{model}"""
     input: str = Field(description="the raw prompt; no template is applied")
-    max_new_tokens: int | None = Field(512, ge=1, le=100_000, description="null: up to the context")
-    temperature: float = Field(0.7, ge=0, le=100, description="0 = greedy")
-    top_p: float = Field(0.9, gt=0, le=1)
-    top_k: int = Field(0, ge=0, lt=100_000)
-    num_responses: int = Field(1, ge=1, le=2)
+    max_new_tokens: int | None = sampling_field("max_new_tokens", 512, low=1, high=100_000)
+    temperature: float = sampling_field("temperature", 0.7)
+    top_p: float = sampling_field("top_p", 0.9)
+    top_k: int = sampling_field("top_k")
+    num_responses: int = sampling_field("n")
     stream: bool = False
     webhook: str | None = Field(None, pattern=r"^https?://", description="POST the final response body here; reply at once")
 
 
 class OpenAIRequest(Sampling):
     model: str
-    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
-    max_tokens: int | None = Field(512, ge=0, le=1_000_000, description="null: up to the context")
-    n: int = Field(1, ge=1, le=2)
+    temperature: float = sampling_field("temperature", high=2)
+    max_tokens: int | None = sampling_field("max_new_tokens", 512, high=1_000_000)
+    n: int = sampling_field("n")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -65,7 +81,7 @@ class ChatRequest(OpenAIRequest):
     """POST /v1/openai/chat/completions"""
     messages: list[Message] = Field(min_length=1)
     logprobs: bool = False
-    top_logprobs: int = Field(0, ge=0, le=20)
+    top_logprobs: int = sampling_field("top_logprobs")
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
 
@@ -74,4 +90,5 @@ class CompletionRequest(OpenAIRequest):
     """POST /v1/openai/completions"""
     prompt: str | list[str]
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = sampling_field("top_logprobs", None, high=5,
+                                          description="return this many top log-probabilities per token")

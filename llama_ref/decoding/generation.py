@@ -1,4 +1,4 @@
-"""The generation loop: prefill, decode, sample, detokenize, stop (spec/sampling.md).
+"""The generation loop: prefill, decode, sample, detokenize, stop (docs/spec/sampling.md).
 
 `Generation` is both the stream and the result: iterating it yields one `TokenEvent` per
 generated token, and `result()` folds those same events into a `Completion`, so a streamed
@@ -8,11 +8,13 @@ samples with seed + i, so response 0 equals the n = 1 run with the same seed (N1
 """
 from dataclasses import dataclass
 
+from ..errors import ContextLengthError
+from ..tokenizer import IncrementalDetokenizer
 from .constrained import JSONObjectConstraint
-from .errors import ContextLengthError
-from .sampling import Sampler, SamplingParams, SamplingParamsError, SamplingTrace
+from .params import SamplingParams, SamplingParamsError
+from .sampling import Sampler
 from .stopping import EOS, LENGTH, STOP_SEQUENCE, ResponseText
-from .tokenizer import IncrementalDetokenizer
+from .trace import SamplingTrace
 
 
 @dataclass(frozen=True)
@@ -110,15 +112,16 @@ class Generation:
         self.params = params
         self.prompt_ids = [int(i) for i in prompt_ids]
         if not self.prompt_ids:
-            raise ContextLengthError("prompt: at least one token is needed")
+            raise ContextLengthError("prompt: at least one token is needed", "prompt")
         if params.stop and model.tokenizer is None:
-            raise SamplingParamsError("stop: stop strings need the model's tokenizer, and this model has none")
+            raise SamplingParamsError("stop: stop strings need the model's tokenizer, and this model has none", "stop")
         if params.response_format != "text" and model.tokenizer is None:
-            raise SamplingParamsError("response_format: JSON mode needs the model's tokenizer, and this model has none")
+            raise SamplingParamsError("response_format: JSON mode needs the model's tokenizer, and this model has none",
+                                      "response_format")
         room = model.config.context_length - len(self.prompt_ids)
         if room < 0:
             raise ContextLengthError(f"prompt: {len(self.prompt_ids)} tokens do not fit in the model's context of "
-                                     f"{model.config.context_length} tokens")
+                                     f"{model.config.context_length} tokens", "prompt")
         # Past the context the response ends with "length", as when max_new_tokens is reached.
         self.max_new_tokens = room if params.max_new_tokens is None else min(params.max_new_tokens, room)
         self.responses = [Response(i, model, self.prompt_ids, params, self.max_new_tokens, trace)

@@ -1,6 +1,6 @@
 """Chat formats: a list of messages -> the prompt's token ids, plus the same prompt as text.
 
-Formats (sampling-research.md §15):
+Formats (docs/spec/sampling.md §15):
     llama-2    Meta's `chat_completion` (llama/generation.py): each finished turn
                "[INST] {user} [/INST] {answer} " encoded on its own between BOS and EOS ids,
                the last user turn with BOS only, user and answer stripped; the system message
@@ -26,7 +26,7 @@ message anywhere"), decided here for the built-in formats:
   joins the user turn it belongs to ("\n\n" between consecutive user-side messages); chatml
   renders role "tool"; airoboros a "TOOL: " line.
 - the conversation must start with a user message (after any system message) and end with
-  a user or tool message: the model answers next. A trailing assistant message (§17 C5) is
+  a user or tool message: the model answers next. A trailing assistant message (spec §17 C5) is
   rejected, as Meta does.
 - text that looks like a control string inside content ("[INST]", "</s>", "<|im_end|>") is
   plain text, never a control id (C7); `reject_control_strings=True` refuses Meta's four
@@ -41,8 +41,8 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import LlamaRefError
-from .tokenizer import Tokenizer
+from ..errors import LlamaRefError
+from ..tokenizer import Tokenizer
 
 FORMATS = ("llama-2", "mistral", "chatml", "airoboros", "template")
 ROLES = ("system", "user", "assistant", "tool")
@@ -56,7 +56,10 @@ ALLOWED_AFTER = {"user": {None, "assistant", "tool"}, "assistant": {"user", "too
 
 
 class ChatFormatError(LlamaRefError, ValueError):
-    """A conversation the chat format cannot render."""
+    """A conversation the chat format cannot render. `param` is "messages" unless given."""
+
+    def __init__(self, message: str, param: str = "messages"):
+        super().__init__(message, param)
 
 
 @dataclass(frozen=True)
@@ -232,7 +235,8 @@ def own_template(messages: list[dict], tokenizer: Tokenizer) -> ChatPrompt:
     token's text is refused: in the rendered string it could not be told from the template's
     own markers (transformers would turn it into the control token)."""
     if not tokenizer.chat_template:
-        raise ChatFormatError("chat_format: 'template' needs a chat template, and this model's tokenizer has none")
+        raise ChatFormatError("chat_format: 'template' needs a chat template, and this model's tokenizer has none",
+                              "chat_format")
     controls = tokenizer.special_pieces
     for i, message in enumerate(messages):
         for piece in controls:
@@ -255,7 +259,7 @@ def choose_format(tokenizer: Tokenizer, architecture: str, chat_format: str | No
     default (Llama: llama-2, Mistral: mistral)."""
     if chat_format is not None:
         if chat_format not in FORMATS:
-            raise ChatFormatError(f"chat_format: must be one of {', '.join(FORMATS)}, got {chat_format!r}")
+            raise ChatFormatError(f"chat_format: must be one of {', '.join(FORMATS)}, got {chat_format!r}", "chat_format")
         return chat_format
     if tokenizer.chat_template:
         return "template"

@@ -2,7 +2,7 @@
 
 Cases:
   13B      ours: a synthetic Llama-2-13B GPTQ checkpoint (sym, group size 128, fp16 embeddings
-           and lm_head); llama.cpp: a random Q4_0 GGUF of the same shape (synth.py writes both)
+           and lm_head); llama.cpp: a random Q4_0 GGUF of the same shape (tools/synth.py writes both)
   SmolLM2  the default model's Q4_1 GGUF, read by both engines
 Each measurement is a fresh process (so that its peak RSS is its own) that loads the model,
 prefills a 128-token prompt, then decodes 32 tokens greedily after a 16-token prompt. A case
@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import LlamaRefError
 from .assets import cache_home, default_model
-from .errors import LlamaRefError
 from .synth import write_synthetic_gptq, write_synthetic_q4_0_gguf
+
 
 class BenchError(LlamaRefError):
     """A measurement failed, or every run of it was disturbed by other processes."""
@@ -44,9 +45,9 @@ BENCH_SEED_IDS = 3      # prompts are the ids 3, 4, 5, ...: ordinary tokens in b
 
 def measure_ours(path: str, threads: int) -> dict:
     """Load, prefill, decode with this engine (runs inside the worker process)."""
-    import llama_ref  # first: its kernels package sets GOMP_SPINCOUNT before Numba starts its threads
-    import numba
-    numba.set_num_threads(threads)
+    import llama_ref
+    from llama_ref.kernels import configure_threads
+    configure_threads(threads)       # before Numba starts its threads: the spin count is read then
     started = time.perf_counter()
     model = llama_ref.load_model(path)
     load_s = time.perf_counter() - started
@@ -105,7 +106,7 @@ def run_once(engine: str, path: Path, threads: int) -> dict:
     """One measurement in a fresh process, with the CPU others used meanwhile (in cores)."""
     own_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy_before, started = busy_seconds(), time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "llama_ref.bench", engine, str(path), str(threads)],
+    out = subprocess.run([sys.executable, "-m", "llama_ref.tools.bench", engine, str(path), str(threads)],
                          capture_output=True, text=True)
     wall, busy = time.perf_counter() - started, busy_seconds() - busy_before
     if out.returncode != 0:

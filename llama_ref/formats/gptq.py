@@ -1,5 +1,5 @@
 """GPTQ checkpoints: which variant a directory holds, and its packed layers made ready for
-the kernels (kernels/gptq.py). The formats are in ASSETS.md Part 1.
+the kernels (kernels/gptq.py). The formats are described in docs/formats.md.
 
 Variants read:
 - AutoGPTQ, gptqmodel, transformers/optimum: quantize_config.json, quant_config.json or
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, ConfigError
-from .kernels.gptq import CODES_PER_WORD, block_columns, block_groups, pack_rows, unpack_columns, unpack_rows
-from .weights import StoredTensor, release_pages
+from ..errors import CheckpointError, ConfigError
+from ..kernels.gptq import CODES_PER_WORD, block_columns, block_groups, pack_rows, unpack_columns, unpack_rows
+from .safetensors import StoredTensor, release_pages
 
 CONFIG_FILES = ("quantize_config.json", "quant_config.json")
 FORMATS = {"gptq": 1, "gptq_v2": 2}
@@ -82,15 +82,30 @@ def find_gptq_config(directory: Path, raw_config: dict, tensor_names) -> GPTQCon
 
 @dataclass(frozen=True)
 class PackedLayer:
-    """One quantized Linear in the kernels' order and layout (see kernels/gptq.py)."""
+    """One quantized Linear in the kernels' order and layout (see kernels/gptq.py). Each group
+    has either a zero point (GPTQ: W = scale · (code - zero)) or a min (GGUF Q4_0/Q4_1:
+    W = scale · code + min): exactly one of `zeros` and `mins` is set."""
     blocks: np.ndarray         # (out/64, in/8, 64) uint32, rows sorted by group, columns padded to 64
     scales: np.ndarray         # (out/64, groups, 64) as stored: fp16/bf16 bits (uint16) or float32
     scale_storage: str         # "F16" | "BF16" | "F32"
-    zeros: np.ndarray          # (out/64, groups, 64) uint8, the true zero points (or mins, below)
+    zeros: np.ndarray | None   # (out/64, groups, 64) uint8, the true zero points
+    mins: np.ndarray | None    # (out/64, groups, 64) uint16, fp16 bits of each group's min
     group_starts: np.ndarray   # (groups + 1,) int64, multiples of 8
     permutation: np.ndarray | None  # (in,) input rows in kernel order; None when already in order
     out_features: int
-    with_min: bool = False     # zeros holds fp16 offsets m: W = scale · code + m (GGUF Q4_0/Q4_1)
+
+    def __post_init__(self):
+        if (self.zeros is None) == (self.mins is None):
+            raise ValueError("PackedLayer: exactly one of zeros and mins must be given")
+
+    @property
+    def with_min(self) -> bool:
+        return self.mins is not None
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """What the kernels take beside the scales: the zero points, or the mins (with_min)."""
+        return self.zeros if self.mins is None else self.mins
 
 
 def group_index(g_idx: np.ndarray | None, in_features: int, groups: int, group_size: int) -> np.ndarray:
@@ -140,4 +155,4 @@ def prepare_layer(prefix: str, qweight: StoredTensor, qzeros: StoredTensor, scal
     if scales.dtype not in ("F16", "BF16", "F32"):
         raise CheckpointError(f"{prefix}: scales must be F16, BF16 or F32, got {scales.dtype}")
     return PackedLayer(blocks, block_groups(scales.data, len(blocks)), scales.dtype, block_groups(zeros, len(blocks)),
-                       group_starts, permutation, out)
+                       None, group_starts, permutation, out)

@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 def rope_inv_freq(config: ModelConfig, seq_len: int) -> np.ndarray:

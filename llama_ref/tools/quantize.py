@@ -28,29 +28,31 @@ Where this follows the reference code (IST-DASLab gptq.py, AutoGPTQ, gptqmodel) 
 - sym: the grid is ±max|w| even when the group has no negative weight (the reference then
   keeps xmin = 0 with zero point 8 and clips the upper half of its range).
 - asym with v1 zero points ("gptq", stored as zero - 1): a zero point of 0 cannot be stored
-  (it corrupts the word, ASSETS.md §1.5), so zero points are kept in 1..15; "gptq_v2" uses 0..15.
+  (it corrupts the word, docs/formats.md "Zero points of 0 in v1 checkpoints"), so zero points are kept in 1..15; "gptq_v2" uses 0..15.
 """
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .errors import LlamaRefError
-from .kernels.gptq import pack_columns, pack_rows
-from .kernels.quantize import MAX_CODE, gptq_columns
-from .linear import DenseLinear
-from .loader import LAYER_NAMES
-from .model import Model, attention, embed, rms_norm, silu
-from .rope import apply_rope, rope_cos_sin, rope_inv_freq
-from .weights import StoredTensor, write_safetensors
+from ..api import Model
+from ..errors import LlamaRefError
+from ..files import atomic_output
+from ..formats.hf import LAYER_NAMES
+from ..formats.safetensors import StoredTensor, dtype_name, write_safetensors
+from ..kernels.gptq import pack_columns, pack_rows
+from ..kernels.quantize import MAX_CODE, gptq_columns
+from ..nn.linear import DenseLinear
+from ..nn.ops import rms_norm, silu
+from ..nn.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from ..nn.transformer import attention, embed
 
-DEFAULT_CALIBRATION = Path(__file__).with_name("data") / "calibration.txt"  # public domain; provenance in its first line
+# public domain; provenance in its first line
+DEFAULT_CALIBRATION = Path(__file__).parent.parent / "data" / "calibration.txt"
 METHODS = ("gptq", "rtn")
 FORMATS = ("gptq", "gptq_v2")
 HF_NAMES = {meta: hf for hf, meta in LAYER_NAMES.items()}
@@ -263,7 +265,7 @@ def quantize_linear(name: str, linear, hessian: Hessian | None, settings: Quanti
             quantized = gptq(weight, hessian.inverse(settings), settings)
         except QuantizeError as err:
             raise QuantizeError(f"{name}: {err}") from None
-    return quantized, as_linear(name, quantized, getattr(linear, "bias", None))
+    return quantized, as_linear(name, quantized, linear.bias)
 
 
 def quantize_model(model: Model, windows: np.ndarray | None, settings: QuantizeSettings,
@@ -331,13 +333,14 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 
 
 def quantization_config(settings: QuantizeSettings) -> dict:
-    """quantize_config.json, also config.json's quantization_config (ASSETS.md §1.7): the keys
+    """quantize_config.json, also config.json's quantization_config (docs/formats.md,
+    "quantize_config.json keys"): the keys
     AutoGPTQ, gptqmodel and transformers read."""
     return {"bits": settings.bits, "group_size": settings.group_size, "desc_act": settings.act_order,
             "sym": settings.sym, "damp_percent": settings.damp, "true_sequential": True, "static_groups": False,
             "quant_method": "gptq", "checkpoint_format": settings.checkpoint_format,
             "format": settings.checkpoint_format, "pack_dtype": "int32",
-            "meta": {"quantizer": [f"llama-ref:{__version__}"], "method": settings.method}}
+            "meta": {"quantizer": [f"llama-ref:{version('llama-ref')}"], "method": settings.method}}
 
 
 def packed_tensors(name: str, quantized: QuantizedWeight, settings: QuantizeSettings) -> dict[str, np.ndarray]:
@@ -359,7 +362,7 @@ def checkpoint_tensors(model: Model, quantized: dict[str, QuantizedWeight],
             tensors[prefix + hf + ".weight"] = getattr(layer, meta).astype(np.float16)
         for short, hf in LINEARS.items():
             tensors.update(packed_tensors(prefix + hf, quantized[prefix + hf], settings))
-            bias = getattr(getattr(layer, short), "bias", None)
+            bias = getattr(layer, short).bias
             if bias is not None:
                 tensors[prefix + hf + ".bias"] = bias.astype(np.float16)
     tensors["model.norm.weight"] = weights.norm.astype(np.float16)
@@ -375,14 +378,10 @@ def write_checkpoint(model: Model, quantized: dict[str, QuantizedWeight], direct
     source the tokenizer it embeds). The directory appears only when complete."""
     directory = Path(directory)
     if directory.exists():
-        raise QuantizeError(f"{directory}: already exists; quantize writes a new directory")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.partial-"))
-    try:
-        staging.chmod(0o755)             # mkdtemp makes it private; a checkpoint is not
+        raise QuantizeError(f"{directory}: already exists; quantize writes a new directory", "output")
+    with atomic_output(directory, directory=True) as staging:
         tensors = checkpoint_tensors(model, quantized, settings)
-        dtypes = {np.dtype(np.float16): "F16", np.dtype(np.int32): "I32", np.dtype(np.float32): "F32"}
-        specs = [(name, dtypes[array.dtype], array.shape) for name, array in tensors.items()]
+        specs = [(name, dtype_name(array.dtype), array.shape) for name, array in tensors.items()]
         write_safetensors(staging / "model.safetensors", specs, lambda name, shape: tensors[name])
         source = Path(source) if source is not None else None
         base = (json.loads((source / "config.json").read_text()) if source is not None and source.is_dir()
@@ -396,9 +395,6 @@ def write_checkpoint(model: Model, quantized: dict[str, QuantizedWeight], direct
                     shutil.copy(source / name, staging / name)
         elif model.tokenizer is not None:
             model.tokenizer.save(staging)
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 

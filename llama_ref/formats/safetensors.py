@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError
-from .kernels import widen_numpy
+from ..errors import CheckpointError
+from ..kernels import widen_numpy
 
-# safetensors dtype -> the NumPy dtype the bytes are viewed as
-NUMPY_DTYPES = {"F32": np.float32, "F16": np.uint16, "BF16": np.uint16, "F64": np.float64,
-                "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-                "U8": np.uint8, "BOOL": np.bool_}
+# safetensors dtype -> the NumPy dtype its bytes are viewed as: the project's one dtype table
+DTYPES = {"F32": np.float32, "F16": np.uint16, "BF16": np.uint16, "F64": np.float64,
+          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+          "U8": np.uint8, "BOOL": np.bool_}
+DENSE_STORAGE = ("F32", "F16", "BF16")   # the float storages the dense kernels widen (GGUF's names too)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -74,9 +75,9 @@ def read_safetensors(path: str | Path) -> dict[str, StoredTensor]:
 
 def _view(path, mapped, data_start, file_size, name, info) -> StoredTensor:
     dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-    if dtype not in NUMPY_DTYPES:
+    if dtype not in DTYPES:
         raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, which is not supported")
-    np_dtype = np.dtype(NUMPY_DTYPES[dtype])
+    np_dtype = np.dtype(DTYPES[dtype])
     if end - begin != math.prod(shape) * np_dtype.itemsize:
         raise CheckpointError(f"{path}: tensor {name}: {end - begin} bytes do not hold "
                               f"{dtype} {list(shape)}")
@@ -89,16 +90,24 @@ def _view(path, mapped, data_start, file_size, name, info) -> StoredTensor:
     return StoredTensor(name, dtype, np.asarray(raw).view(np_dtype).reshape(shape))
 
 
-SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I32": np.int32}
+def dtype_name(dtype) -> str:
+    """The safetensors name of a NumPy dtype, for writing (float16 -> "F16")."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float16:
+        return "F16"
+    names = [name for name, viewed in DTYPES.items() if name not in ("F16", "BF16") and np.dtype(viewed) == dtype]
+    if not names:
+        raise ValueError(f"dtype {dtype} has no safetensors name here")
+    return names[0]
 
 
 def write_safetensors(path: Path, specs, make) -> None:
     """A safetensors file written tensor by tensor, so that no more than one tensor is in
     memory: the header first (offsets follow from the shapes), then each tensor's bytes as
-    make(name, shape) returns them.  specs: [(name, "F32" | "F16" | "I32", shape)]."""
+    make(name, shape) returns them.  specs: [(name, safetensors dtype name, shape)]."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, dtype, shape in specs:
-        size = math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+        size = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -107,7 +116,7 @@ def write_safetensors(path: Path, specs, make) -> None:
         f.write(struct.pack("<Q", len(encoded)) + encoded)
         for name, dtype, shape in specs:
             data = make(name, shape)
-            if data.shape != tuple(shape) or data.dtype.itemsize != np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize:
+            if data.shape != tuple(shape) or data.dtype.itemsize != np.dtype(DTYPES[dtype]).itemsize:
                 raise ValueError(f"tensor {name}: made {data.dtype} {list(data.shape)}, declared {dtype} {list(shape)}")
             f.write(np.ascontiguousarray(data).tobytes())
 

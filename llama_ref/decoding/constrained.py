@@ -12,12 +12,15 @@ Two parts, applied to the logits before the sampler (so greedy decoding is const
 """
 import numpy as np
 
-from .errors import LlamaRefError
-from .tokenizer import Tokenizer
+from ..errors import LlamaRefError
+from ..tokenizer import Tokenizer
 
 
 class ConstraintError(LlamaRefError):
     """JSON mode cannot run here (no llguidance, or a grammar error)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "response_format")
 
 
 # What must still be written, by scanner state, before the open containers are closed.

@@ -1,4 +1,4 @@
-"""Stop strings, finish reasons and the response text stream (spec/sampling.md steps 12-15).
+"""Stop strings, finish reasons and the response text stream (docs/spec/sampling.md steps 12-15).
 
 `ResponseText` takes the text each token adds (from the incremental detokenizer) and gives
 back the part of the response that is safe to send now: text that could still turn into a
@@ -6,7 +6,7 @@ stop string is held back, and once a stop string matches, the response is cut be
 and nothing after it is ever sent. Concatenating what it returns gives the final text,
 byte for byte, streamed or not (S6).
 
-Where the peers differ (sampling-research.md §12, §14): the match that ends earliest wins,
+Where the peers differ (docs/spec/sampling.md §12, §14): the match that ends earliest wins,
 ties by list order (vLLM V1; vLLM V0 takes list order, llama.cpp the earliest start); the
 stop text is stripped (vLLM, llama.cpp, OpenAI; TGI keeps it and only sees a stop at the very
 end of the text); the hold-back is the longest suffix that is a prefix of a stop string

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import LlamaRefError
-from .model import Model
+from ..api import Model
+from ..errors import LlamaRefError
+from ..nn.ops import log_softmax
 
 
 @dataclass(frozen=True)
@@ -24,21 +25,16 @@ class Perplexity:
     tokens: int                      # tokens scored
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Along the last axis, in float64.  logits (n, vocab)."""
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def perplexity(model: Model, ids, context: int, stride: int) -> Perplexity:
     """ids: the whole text's token ids (with BOS first if the model expects one)."""
     ids = np.asarray(ids, dtype=np.int64)
     if not 0 < stride <= context:
-        raise LlamaRefError(f"stride: must be in 1..context ({context}), got {stride}")
+        raise LlamaRefError(f"stride: must be in 1..context ({context}), got {stride}", "stride")
     if context > model.config.context_length:
-        raise LlamaRefError(f"context: {context} exceeds the model's context of {model.config.context_length}")
+        raise LlamaRefError(f"context: {context} exceeds the model's context of {model.config.context_length}",
+                            "context")
     if len(ids) < 2:
-        raise LlamaRefError(f"text: {len(ids)} token(s); perplexity needs at least 2")
+        raise LlamaRefError(f"text: {len(ids)} token(s); perplexity needs at least 2", "text")
     total, scored, begin, scored_until = 0.0, 0, 0, 1   # position 0 has nothing to predict it
     while scored_until < len(ids):
         end = min(begin + context, len(ids))

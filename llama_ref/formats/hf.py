@@ -1,5 +1,5 @@
-"""Building a Model from an HF checkpoint directory: config.json + safetensors, dense or
-GPTQ (a Linear stored as qweight/qzeros/scales[/g_idx] becomes a GPTQLinear).
+"""HF checkpoint directories: config.json + safetensors, dense or GPTQ (a Linear stored as
+qweight/qzeros/scales[/g_idx] becomes a GPTQLinear), read into the forward pass's Weights.
 
 Every tensor the config implies must be present with the right shape; anything else in the
 file is an error, except the few names known to be harmless.
@@ -8,15 +8,13 @@ import json
 import re
 from pathlib import Path
 
-from .assets import default_model
-from .config import ModelConfig
-from .gguf_loader import load_gguf
-from .errors import CheckpointError
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from ..nn.linear import DenseLinear, GPTQLinear
+from ..nn.transformer import Layer, Weights, fuse_projections
+from ..tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 from .gptq import GPTQConfig, find_gptq_config, prepare_layer
-from .tokenizer import has_tokenizer, load_tokenizer
-from .linear import DenseLinear, GPTQLinear
-from .model import Layer, Model, Weights, fuse_projections
-from .weights import StoredTensor, read_checkpoint
+from .safetensors import StoredTensor, read_checkpoint
 
 # HF name (per layer, after "model.layers.{i}.") -> Meta name
 LAYER_NAMES = {
@@ -123,15 +121,9 @@ def build_weights(tensors: dict[str, StoredTensor], config: ModelConfig, gptq: G
                    norm=tensors["model.norm.weight"].to_float32(), output=output)
 
 
-def load_model(path: str | Path) -> Model:
-    """Load an HF checkpoint directory (config.json + safetensors, single or sharded, dense or
-    GPTQ) with its tokenizer when the directory has one (tokenizer.model or tokenizer.json),
-    a .gguf file, or "default" (SmolLM2-135M-Instruct, fetched once; see assets.py)."""
-    if str(path) == "default":
-        path = default_model()
-    directory = Path(path)
-    if directory.is_file() and directory.suffix == ".gguf":
-        return load_gguf(directory)
+def load_hf(directory: Path) -> tuple[ModelConfig, Weights, Tokenizer | None]:
+    """An HF checkpoint directory (single or sharded safetensors, dense or GPTQ) with its
+    tokenizer when the directory has one (tokenizer.model or tokenizer.json)."""
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory (expected an HF checkpoint directory or a .gguf file)")
     config = ModelConfig.from_json_file(directory / "config.json")
@@ -144,4 +136,4 @@ def load_model(path: str | Path) -> Model:
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"{directory}: the tokenizer has {tokenizer.vocab_size} ids but the model's "
                               f"vocab_size is {config.vocab_size}")
-    return Model(config, build_weights(tensors, config, gptq), tokenizer)
+    return config, build_weights(tensors, config, gptq), tokenizer

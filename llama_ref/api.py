@@ -1,0 +1,106 @@
+"""The public face of the engine: `load_model` and the `Model` it returns (see README,
+"Python API"). Everything a caller does with a model goes through here: the forward pass
+(nn/transformer.py), generation and chat (decoding/)."""
+from dataclasses import replace
+from pathlib import Path
+
+import numba
+import numpy as np
+from threadpoolctl import ThreadpoolController
+
+from .config import ModelConfig
+from .decoding.chat import format_chat
+from .decoding.generation import Generation
+from .decoding.params import MAX_STOP_STRINGS, SamplingParams
+from .errors import ContextLengthError, LlamaRefError
+from .formats.gguf_file import load_gguf
+from .formats.hf import load_hf
+from .kernels import configure_threads
+from .nn.transformer import KVCache, Weights, forward
+from .tools.assets import default_model
+
+# rows x hidden size from which prefill gives BLAS every core: 128 tokens of a 2048-wide model
+PARALLEL_BLAS_WORK = 128 * 2048
+
+
+class TokensError(LlamaRefError, ValueError):
+    """Token ids for the forward pass of the wrong shape, or outside the vocabulary."""
+
+
+class Model:
+    """A loaded model: the public face of the engine (see README, "Python API")."""
+
+    def __init__(self, config: ModelConfig, weights: Weights, tokenizer=None):
+        self.config = config
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self._threadpools = ThreadpoolController()
+
+    def new_cache(self, max_seq_len: int | None = None) -> KVCache:
+        """A KV cache for one sequence of up to max_seq_len tokens (default: the context)."""
+        limit = self.config.context_length
+        if max_seq_len is not None and not 0 < max_seq_len <= limit:
+            raise ContextLengthError(f"max_seq_len={max_seq_len}: must be in 1..{limit} (the model's context)",
+                                     "max_seq_len")
+        return KVCache(self.config, max_seq_len or limit)
+
+    def generate(self, prompt, params=None, trace: bool = False):
+        """Sample a response: iterate the returned Generation for one event per token, or
+        call its result() for the whole completion.  prompt: raw text (BOS added when the
+        tokenizer asks for it) or token ids, used as they are.  trace=True attaches the
+        sampler's audit trace to every event."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise LlamaRefError("prompt: this model has no tokenizer; pass token ids", "prompt")
+            prompt = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
+        return Generation(self, prompt, params or SamplingParams(), trace)
+
+    def chat(self, messages, params=None, chat_format: str | None = None, reject_control_strings: bool = False,
+             trace: bool = False):
+        """generate() on the prompt decoding/chat.format_chat builds for `messages` ([{"role", "content"}]):
+        the model's own template, else its architecture's default format, unless chat_format
+        names one. The format's own stop strings (airoboros, chatml) join params.stop, up to
+        the limit of 16."""
+        if self.tokenizer is None:
+            raise LlamaRefError("messages: this model has no tokenizer to format a chat with", "messages")
+        params = params or SamplingParams()
+        prompt = format_chat(messages, self.tokenizer, self.config.architecture, chat_format, reject_control_strings)
+        stops = tuple(dict.fromkeys(params.stop + prompt.stop))[:MAX_STOP_STRINGS]
+        return Generation(self, prompt.ids, replace(params, stop=stops), trace)
+
+    def forward(self, tokens, start_pos: int, cache: KVCache) -> np.ndarray:
+        """Logits (len(tokens), vocab_size) float32 for tokens at positions start_pos.. ."""
+        return self.forward_batch(np.asarray(tokens, dtype=np.int64).reshape(1, -1), start_pos, [cache])[0]
+
+    def forward_batch(self, tokens, start_pos: int, caches: list[KVCache]) -> np.ndarray:
+        """Logits (b, n, vocab_size) float32 for b sequences of n tokens each, all at positions
+        start_pos.., one cache per sequence (n = 2 choices decoding side by side)."""
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.ndim != 2 or len(caches) != ids.shape[0]:
+            raise TokensError(f"tokens: expected (batch, n) ids and one cache per row, got shape {ids.shape} "
+                              f"and {len(caches)} caches", "tokens")
+        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
+        if bad.size:
+            raise TokensError(f"tokens: id {int(bad[0])} is outside the vocabulary 0..{self.config.vocab_size - 1}",
+                              "tokens")
+        # The Numba kernels already use every core, and OpenBLAS threads, which keep spinning
+        # after each call, would fight them for the same cores: BLAS runs single-threaded,
+        # except for a prefill big enough that BLAS on the dequantized tiles dominates (measured
+        # with 128 tokens and kernels/__init__.py's shorter spin: 13B shape 2.0 -> 2.3 tokens/s
+        # with every core for BLAS, SmolLM2's 576-wide layers 165 -> 85).
+        big = ids.size * self.config.hidden_size >= PARALLEL_BLAS_WORK
+        with self._threadpools.limit(limits=numba.get_num_threads() if big else 1, user_api="blas"):
+            return forward(self.config, self.weights, ids, start_pos, caches)
+
+
+def load_model(path: str | Path) -> Model:
+    """Load an HF checkpoint directory (config.json + safetensors, single or sharded, dense or
+    GPTQ) with its tokenizer when the directory has one (tokenizer.model or tokenizer.json),
+    a .gguf file, or "default" (SmolLM2-135M-Instruct, fetched once; see tools/assets.py)."""
+    configure_threads()
+    if str(path) == "default":
+        path = default_model()
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return Model(*load_gguf(path))
+    return Model(*load_hf(path))

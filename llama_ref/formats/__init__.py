@@ -1,0 +1,1 @@
+"""Checkpoint formats: safetensors, HF directories (dense and GPTQ), GGUF files."""

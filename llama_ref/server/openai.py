@@ -1,0 +1,155 @@
+"""The OpenAI-compatible API (docs/spec/api.md §2): chat completions, completions and the
+model list, under /v1 and /v1/openai. Streamed and whole responses read the same events."""
+import json
+import time
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Depends
+from sse_starlette.sse import EventSourceResponse
+
+from ..decoding.params import SamplingParams, sampling_params
+from .errors import APIError
+from .schemas import ChatRequest, CompletionRequest, OpenAIRequest
+from .state import ServerState, request_id, server_state
+
+router = APIRouter()
+OPENAI_FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+
+
+@router.get("/v1/models")
+@router.get("/v1/openai/models")
+async def models(server: ServerState = Depends(server_state)):
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "llama-ref"}
+                                       for name in sorted(server.names)]}
+
+
+@router.post("/v1/chat/completions")
+@router.post("/v1/openai/chat/completions")
+async def chat(body: ChatRequest, server: ServerState = Depends(server_state)):
+    if body.tools:
+        raise APIError(400, "tools: tool calls are not supported yet", "tools")
+    params = openai_params(server, body)
+    generation = server.model.chat([m.model_dump(include={"role", "content"}) for m in body.messages], params)
+    response = ChatShape(request_id("chatcmpl-"), int(time.time()), body.model, body.logprobs, server.model.tokenizer)
+    return await openai_response(server, body, generation, response, "chat.completion")
+
+
+@router.post("/v1/completions")
+@router.post("/v1/openai/completions")
+async def completions(body: CompletionRequest, server: ServerState = Depends(server_state)):
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1:
+        raise APIError(400, "prompt: exactly one prompt per request", "prompt")
+    params = openai_params(server, body, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0)
+    generation = server.model.generate(prompts[0], params)
+    response = CompletionShape(request_id("cmpl-"), int(time.time()), body.model, body.logprobs is not None,
+                               server.model.tokenizer, echo=prompts[0] if body.echo else "")
+    return await openai_response(server, body, generation, response, "text_completion")
+
+
+def openai_params(server: ServerState, body: OpenAIRequest, **overrides) -> SamplingParams:
+    server.check_model(body.model)
+    if body.stream and body.n > 1:
+        raise APIError(400, "n: must be 1 when stream is true", "n")
+    return sampling_params(body, max_new_tokens=body.max_tokens, response_format=body.response_format.type,
+                           **overrides)
+
+
+async def openai_response(server: ServerState, body: OpenAIRequest, generation, response, kind: str):
+    """The SSE stream, or the whole body, of a chat or text completion."""
+    events = server.admitted(generation)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(openai_stream(server, generation, events, response, include_usage), sep="\n")
+    async for _ in events:
+        pass
+    result = generation.result()
+    return {**response.header(kind), "choices": [response.choice(c) for c in result.choices],
+            "usage": server.usage(result)}
+
+
+async def openai_stream(server: ServerState, generation, events, response, include_usage: bool):
+    head = response.header(response.chunk_object)
+    yield json.dumps({**head, "choices": [response.first_delta()]}, ensure_ascii=False)
+    finished = False
+    async for event in events:
+        if event.delta or response.logprobs:
+            yield json.dumps({**head, "choices": [response.delta(event)]}, ensure_ascii=False)
+        if event.finish_reason is not None:
+            finished = True
+            yield json.dumps({**head, "choices": [response.finish(event.index, event.finish_reason)]},
+                             ensure_ascii=False)
+    if not finished:   # max_tokens = 0: no token, finish "length"
+        yield json.dumps({**head, "choices": [response.finish(0, "length")]}, ensure_ascii=False)
+    if include_usage:
+        yield json.dumps({**head, "choices": [], "usage": server.usage(generation.result())}, ensure_ascii=False)
+    yield "[DONE]"
+
+
+def token_logprob(tokenizer, token_id: int, logprob: float) -> dict:
+    text = tokenizer.decode([token_id]) if tokenizer else ""
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+@dataclass
+class ChatShape:
+    """The pieces of chat.completion(.chunk) bodies."""
+    id: str
+    created: int
+    model: str
+    logprobs: bool
+    tokenizer: object
+    chunk_object: str = "chat.completion.chunk"
+
+    def header(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def logprob_content(self, events) -> dict | None:
+        if not self.logprobs:
+            return None
+        return {"content": [{**token_logprob(self.tokenizer, e.token_id, e.logprob),
+                             "top_logprobs": [token_logprob(self.tokenizer, i, lp) for i, lp in e.top_logprobs]}
+                            for e in events]}
+
+    def choice(self, choice) -> dict:
+        return {"index": choice.index, "message": {"role": "assistant", "content": choice.text},
+                "logprobs": self.logprob_content(choice.tokens), "finish_reason": OPENAI_FINISH[choice.finish_reason]}
+
+    def first_delta(self) -> dict:
+        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    def delta(self, event) -> dict:
+        return {"index": event.index, "delta": {"content": event.delta}, "logprobs": self.logprob_content([event]),
+                "finish_reason": None}
+
+    def finish(self, index: int, finish_reason: str) -> dict:
+        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": OPENAI_FINISH[finish_reason]}
+
+
+@dataclass
+class CompletionShape(ChatShape):
+    """text_completion bodies: `text` instead of a message; the prompt first when echoing."""
+    echo: str = ""
+    chunk_object: str = "text_completion"
+
+    def logprob_content(self, events) -> dict | None:
+        if not self.logprobs:
+            return None
+        tokens = [token_logprob(self.tokenizer, e.token_id, e.logprob) for e in events]
+        return {"tokens": [t["token"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
+                "top_logprobs": [{token_logprob(self.tokenizer, i, lp)["token"]: lp for i, lp in e.top_logprobs}
+                                 for e in events]}
+
+    def choice(self, choice) -> dict:
+        return {"index": choice.index, "text": self.echo + choice.text, "logprobs": self.logprob_content(choice.tokens),
+                "finish_reason": OPENAI_FINISH[choice.finish_reason]}
+
+    def first_delta(self) -> dict:
+        return {"index": 0, "text": self.echo, "logprobs": None, "finish_reason": None}
+
+    def delta(self, event) -> dict:
+        return {"index": event.index, "text": event.delta, "logprobs": self.logprob_content([event]),
+                "finish_reason": None}
+
+    def finish(self, index: int, finish_reason: str) -> dict:
+        return {"index": index, "text": "", "logprobs": None, "finish_reason": OPENAI_FINISH[finish_reason]}

@@ -1,0 +1,1 @@
+"""Offline tools: registry assets, the quantizer, perplexity, the benchmark, synthetic checkpoints."""
