@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_ref.files import atomic_output
 from llama_ref.tools.assets import cache_home
 from llama_ref.tools.bench import DECODE, PREFILL, PROMPT, read_bandwidth, run_once
 
@@ -47,11 +48,9 @@ def write_checkpoint(directory: Path, args) -> None:
               "intermediate_size": inter, "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
               "num_key_value_heads": args.kv_heads, "vocab_size": args.vocab, "max_position_embeddings": 2048,
               "rms_norm_eps": 1e-5, "torch_dtype": "float16", "bos_token_id": 1, "eos_token_id": 2}
-    partial = directory.with_name(directory.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(partial / "model.safetensors"))
-    (partial / "config.json").write_text(json.dumps(config, indent=2))
-    partial.rename(directory)
+    with atomic_output(directory, directory=True) as partial:
+        save_file(tensors, str(partial / "model.safetensors"))
+        (partial / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def main() -> None:

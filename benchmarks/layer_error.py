@@ -28,7 +28,12 @@ class Recording:
 
     def __init__(self, linear):
         self.linear = linear
+        self.name, self.in_features, self.out_features = linear.name, linear.in_features, linear.out_features
+        self.bias, self.fused = linear.bias, None       # computed on its own, never as part of a fused set
         self.sum, self.rows = 0.0, 0
+
+    def dequantize(self):
+        return self.linear.dequantize()
 
     def __call__(self, x):
         rows = x.reshape(-1, x.shape[-1]).astype(np.float64)

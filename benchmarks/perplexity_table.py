@@ -44,7 +44,8 @@ import oracles  # noqa: E402
 from llama_ref import load_model  # noqa: E402
 from llama_ref.tools.assets import cache_home, default_model, fetch_package_files  # noqa: E402
 from llama_ref.tools.perplexity import perplexity  # noqa: E402
-from llama_ref.tools.quantize import DEFAULT_CALIBRATION, QuantizeSettings, calibration_windows, quantize  # noqa: E402
+from llama_ref.tools.gptq import QuantizeSettings  # noqa: E402
+from llama_ref.tools.quantize import DEFAULT_CALIBRATION, calibration_windows, quantize  # noqa: E402
 
 HELD_OUT = ("brotli==1.2.1", "brotli-1.2.1/tests/testdata/lcet10.txt")
 GROUP_SIZES = (32, 64, 128)

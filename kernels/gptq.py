@@ -10,7 +10,7 @@ The packed format (AutoGPTQ, GPTQ-for-LLaMa, gptqmodel, transformers all write i
 
 The kernels take the rows already sorted so that every group is one contiguous run of rows
 starting at a multiple of 8 (group_starts (groups + 1,)); act-order checkpoints are put in
-that order once at load time (see llama_ref/gptq.py). They also take the words re-laid out
+that order once at load time (see llama_ref/formats/gptq.py). They also take the words re-laid out
 in blocks of 64 output columns (block_columns), each block one contiguous stream, and the
 scales and zero points likewise (block_groups, (out/64, groups, 64)).
 

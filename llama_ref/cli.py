@@ -13,13 +13,17 @@ from .decoding.trace import explain, format_trace, plot_trace
 from .errors import CheckpointError, ConfigError, InputFileError, LlamaRefError
 from .tokenizer import TokenizerError
 from .tools.assets import AssetError, default_model
+from .tools.bench import bench, format_report
+from .tools.gptq import QuantizeSettings
 from .tools.perplexity import perplexity
-from .tools.quantize import QuantizeSettings, quantize
+from .tools.quantize import quantize
 from .tools.synth import SHAPES, write_synthetic_gptq
 
-# The flags' own defaults where they differ from SamplingParams': greedy and short.
-SAMPLING_FLAGS = {"max_new_tokens": 32, "temperature": 0.0, "top_p": None, "top_k": None, "min_p": None,
-                  "repetition_penalty": None, "presence_penalty": None, "frequency_penalty": None, "seed": None}
+# The flags' own defaults and help where they differ from SamplingParams': greedy and short.
+SAMPLING_FLAGS = {"max_new_tokens": (32, "tokens to generate at most"),
+                  "temperature": (0.0, "divides the logits; 0 (the default here) is greedy"),
+                  "top_p": (None, None), "top_k": (None, None), "min_p": (None, None), "repetition_penalty": (None, None),
+                  "presence_penalty": (None, None), "frequency_penalty": (None, None), "seed": (None, None)}
 
 
 def parse_ids(text: str) -> list[int]:
@@ -121,7 +125,7 @@ def cmd_chat(args) -> None:
 
 
 def cmd_synth(args) -> None:
-    print(write_synthetic_gptq(args.output, args.shape, args.layers, args.seed))
+    print(write_synthetic_gptq(args.output, args.shape, args.layers, args.seed, dense=args.fp16))
 
 
 def read_text(path: str, flag: str) -> str:
@@ -155,7 +159,6 @@ def cmd_perplexity(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import bench, format_report
     report = bench(args.runs, args.threads, args.layers, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_report(report))
     if args.json:
@@ -222,11 +225,11 @@ def add_sampling_arguments(parser) -> None:
     """One flag per SamplingParams field, made from its rule (decoding/params.py; what each
     does: docs/spec/sampling.md). SamplingParams checks the values, so a bad one is refused
     with the same message as in the Python API and the server."""
-    for name, own_default in SAMPLING_FLAGS.items():
+    for name, (own_default, own_help) in SAMPLING_FLAGS.items():
         rule = RULES[name]
-        default = rule.default if own_default is None else own_default
-        parser.add_argument("--" + name.replace("_", "-"), type=rule.kind, default=default,
-                            help=f"{rule.help}; {rule.range()}, default {default}")
+        parser.add_argument("--" + name.replace("_", "-"), type=rule.kind,
+                            default=rule.default if own_default is None else own_default,
+                            help=f"{own_help or rule.help}; {rule.range()}, default %(default)s")
     parser.add_argument("--stop", action="append", default=[], help="a stop string; repeat for several")
     parser.add_argument("--profile", default="reference", choices=PROFILES)
 
@@ -259,6 +262,8 @@ def main(argv=None) -> int:
     synth.add_argument("--shape", default="llama-2-13b", choices=SHAPES)
     synth.add_argument("--layers", type=int, help="only the first N layers")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--fp16", action="store_true", help="dense fp16 weights instead of 4-bit GPTQ (a source for "
+                       "quantize)")
     synth.set_defaults(run=cmd_synth)
     fetch = commands.add_parser("fetch", help="download the default model once (SmolLM2-135M-Instruct, sha256-checked)")
     fetch.add_argument("what", choices=["default"])

@@ -101,7 +101,7 @@ def relative_error(ours, theirs) -> float:
     return float(np.abs(np.asarray(ours, dtype=np.float64) - theirs).max() / np.abs(theirs).max())
 
 
-# Real tokenizer assets, downloaded once into $LLAMA_REF_HOME (see llama_ref/assets.py).
+# Real tokenizer assets, downloaded once into $LLAMA_REF_HOME (see llama_ref/tools/assets.py).
 LLAMA_SPM = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
 
 

@@ -10,7 +10,7 @@ from llama_ref.nn.transformer import forward
 from conftest import CASES, SMALL, load_reference, relative_error
 
 # Past max_position_embeddings dynamic NTK depends on the length of each forward call, in
-# transformers as here (see llama_ref/rope.py), so chunked and full forwards differ by design.
+# transformers as here (see llama_ref/nn/rope.py), so chunked and full forwards differ by design.
 STATIC_ROPE = [name for name in CASES if name != "rope_dynamic"]
 
 

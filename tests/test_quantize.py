@@ -15,8 +15,9 @@ from llama_ref.cli import main
 from llama_ref.kernels.gptq import dequantize_numpy, unpack_columns
 from llama_ref.kernels.quantize import gptq_columns, gptq_columns_numpy
 from llama_ref.tools.perplexity import perplexity
-from llama_ref.tools.quantize import (QuantizeError, QuantizeSettings, gptq, hessian_of,
-                                quantization_grid, quantize_model, round_to_nearest, write_checkpoint)
+from llama_ref.tools.gptq import (QuantizeError, QuantizeSettings, gptq, hessian_of, quantization_grid,
+                                  round_to_nearest)
+from llama_ref.tools.quantize import quantize_model, write_checkpoint
 from llama_ref.formats.safetensors import read_checkpoint
 from conftest import load_reference, make_checkpoint
 from oracles import GPTQMODEL_ENV
@@ -145,9 +146,11 @@ def test_written_checkpoint_loads_with_the_weights_we_quantized(settings, tmp_pa
     source = make_checkpoint(tmp_path / "source", overrides=TINY)
     model = llama_ref.load_model(source)
     windows = np.random.default_rng(0).integers(3, 320, size=(8, 32))
-    quantized = quantize_model(model, windows, settings)
-    target = write_checkpoint(model, quantized, tmp_path / "gptq", settings, source)
+    layers = list(quantize_model(model, windows, settings))
+    target = write_checkpoint(model, layers, tmp_path / "gptq", settings, source)
     tensors = read_checkpoint(target)
+    quantized = {name: weight for layer in layers for name, weight in layer.items()}
+    assert len(quantized) == 7 * model.config.num_hidden_layers
     for name, weight in quantized.items():
         zeros = unpack_columns(tensors[name + ".qzeros"].data).astype(np.float32)
         zeros += 1 if settings.checkpoint_format == "gptq" else 0
@@ -174,13 +177,12 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
     source = make_checkpoint(tmp_path / "source", overrides=TINY)
     model = llama_ref.load_model(source)
     settings = QuantizeSettings(method="rtn", group_size=32)
-    quantized = quantize_model(model, None, settings)
 
     def broken(*args):
         raise OSError("disk full")
     monkeypatch.setattr("llama_ref.tools.quantize.write_safetensors", broken)
     with pytest.raises(OSError):
-        write_checkpoint(model, quantized, tmp_path / "out" / "gptq", settings, source)
+        write_checkpoint(model, quantize_model(model, None, settings), tmp_path / "out" / "gptq", settings, source)
     assert list((tmp_path / "out").iterdir()) == []
 
 

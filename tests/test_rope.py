@@ -37,3 +37,22 @@ def test_interleaved_weights_permuted_give_the_same_attention_scores():
     # and element by element: half-layout index j*d/2 + i holds interleaved index 2i + j
     assert np.allclose(q_half[..., : d // 2], q_meta[..., 0::2], atol=1e-4)
     assert np.allclose(q_half[..., d // 2:], q_meta[..., 1::2], atol=1e-4)
+
+
+def test_sequences_at_positions_of_their_own_rotate_as_meta_does():
+    """A batch of two sequences, each with its own positions (cos, sin (batch, n, d)), against
+    Meta's complex-number rotation of each sequence on its own."""
+    rng = np.random.default_rng(1)
+    n_heads, d, n = 2, 8, 3
+    inv_freq = (1.0 / 10000.0 ** (np.arange(0, d, 2) / d)).astype(np.float32)
+    starts = (0, 17)
+    q = rng.standard_normal((len(starts), n, n_heads, d)).astype(np.float32)
+    tables = [rope_cos_sin(np.arange(start, start + n), inv_freq) for start in starts]
+    cos, sin = np.stack([c for c, _ in tables]), np.stack([s for _, s in tables])   # (batch, n, d)
+    ours = apply_rope(q, cos, sin)
+    for j, start in enumerate(starts):
+        interleaved = np.empty_like(q[j])                     # half-layout i, d/2 + i -> pair 2i, 2i + 1
+        interleaved[..., 0::2], interleaved[..., 1::2] = q[j][..., :d // 2], q[j][..., d // 2:]
+        meta = meta_rope(interleaved, np.arange(start, start + n), inv_freq)
+        assert np.allclose(ours[j][..., :d // 2], meta[..., 0::2], atol=1e-5)
+        assert np.allclose(ours[j][..., d // 2:], meta[..., 1::2], atol=1e-5)

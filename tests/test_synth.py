@@ -32,3 +32,17 @@ def test_the_synth_command_refuses_an_existing_directory(tmp_path):
     from test_cli import run_cli
     result = run_cli("synth", "--shape", "llama-2-7b", "--layers", "1", str(tmp_path))
     assert result.returncode == 2 and "already exists" in result.stderr
+
+
+def test_a_synthetic_fp16_source_is_what_transformers_reads(tmp_path):
+    import torch
+    import transformers
+    directory = write_synthetic_gptq(tmp_path / "fp16", "llama-2-7b", layers=1, dense=True)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ours = llama_ref.load_model(directory)
+    assert ours.weights.layers[0].w2.storage == "F16"
+    ids = [1, 450, 7483]
+    with torch.no_grad():
+        expected = theirs(torch.tensor([ids])).logits[0].numpy()
+    logits = ours.forward(ids, 0, ours.new_cache(8))
+    assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()

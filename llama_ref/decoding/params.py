@@ -3,8 +3,8 @@
 `RULES` holds each parameter's neutral default, its range and its meaning once. SamplingParams
 validates against it; the server's request schemas (server/schemas.py) and the CLI's flags
 (cli.py) are made from it, narrowing a range where an API publishes a narrower one (OpenAI's
-temperature ≤ 2) but never widening it. Ranges are the union of the native and the
-OpenAI-compatible APIs' ranges (docs/spec/api.md).
+temperature ≤ 2) but never widening it. A rule's range covers both the native and the
+OpenAI-compatible APIs' ranges (docs/spec/api.md), and the Python API accepts all of it.
 """
 from dataclasses import dataclass, fields
 

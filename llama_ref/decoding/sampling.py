@@ -145,7 +145,8 @@ def draw(logits: np.ndarray, u: float) -> int:
 @dataclass(frozen=True)
 class Stage:
     """One step of a profile's pipeline. `active` is False when its parameter is at the
-    neutral value, which makes `apply` an exact no-op (the trace leaves it out)."""
+    neutral value, which makes `apply` an exact no-op (the trace records it as inactive and
+    its table and chart leave it out)."""
     name: str                                   # "temperature", "top_k", ...: the name in the trace
     setting: str                                # e.g. "temperature=0.7"
     active: bool

@@ -62,8 +62,6 @@ def trace_of(profile: str, seed: int | None, choice: int, steps, uniform: float 
     return SamplingTrace(profile, seed, choice, tuple(ids), records, uniform, token)
 
 
-
-
 def explain(model, prompt, params: SamplingParams, step: int = 0) -> SamplingTrace:
     """The trace of generated token number `step` (0 = the first) of the first response."""
     events = (event for event in model.generate(prompt, params, trace=True) if event.index == 0)

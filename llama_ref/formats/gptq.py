@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import CheckpointError, ConfigError
 from ..kernels.gptq import CODES_PER_WORD, block_columns, block_groups, pack_rows, unpack_columns, unpack_rows
-from .safetensors import StoredTensor, release_pages
+from .safetensors import DENSE_STORAGE, StoredTensor, release_pages
 
 CONFIG_FILES = ("quantize_config.json", "quant_config.json")
 FORMATS = {"gptq": 1, "gptq_v2": 2}
@@ -152,7 +152,7 @@ def prepare_layer(prefix: str, qweight: StoredTensor, qzeros: StoredTensor, scal
         words = pack_rows(unpack_rows(qweight.data)[permutation]).view(np.uint32)
     blocks = block_columns(words)
     release_pages(qweight.data)          # the blocked copy replaces the mapped file pages
-    if scales.dtype not in ("F16", "BF16", "F32"):
+    if scales.dtype not in DENSE_STORAGE:
         raise CheckpointError(f"{prefix}: scales must be F16, BF16 or F32, got {scales.dtype}")
     return PackedLayer(blocks, block_groups(scales.data, len(blocks)), scales.dtype, block_groups(zeros, len(blocks)),
                        None, group_starts, permutation, out)

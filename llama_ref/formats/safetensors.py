@@ -90,17 +90,6 @@ def _view(path, mapped, data_start, file_size, name, info) -> StoredTensor:
     return StoredTensor(name, dtype, np.asarray(raw).view(np_dtype).reshape(shape))
 
 
-def dtype_name(dtype) -> str:
-    """The safetensors name of a NumPy dtype, for writing (float16 -> "F16")."""
-    dtype = np.dtype(dtype)
-    if dtype == np.float16:
-        return "F16"
-    names = [name for name, viewed in DTYPES.items() if name not in ("F16", "BF16") and np.dtype(viewed) == dtype]
-    if not names:
-        raise ValueError(f"dtype {dtype} has no safetensors name here")
-    return names[0]
-
-
 def write_safetensors(path: Path, specs, make) -> None:
     """A safetensors file written tensor by tensor, so that no more than one tensor is in
     memory: the header first (offsets follow from the shapes), then each tensor's bytes as

@@ -69,10 +69,12 @@ def rope_cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarra
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """x·cos + rotate_half(x)·sin with rotate_half([a, b]) = [-b, a].  x (n, heads, head_dim)."""
+    """x·cos + rotate_half(x)·sin with rotate_half([a, b]) = [-b, a].  x (..., n, heads,
+    head_dim); cos, sin (n, head_dim) for positions shared by every sequence, or (..., n,
+    head_dim) for sequences at positions of their own."""
     half = x.shape[-1] // 2
-    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # (n, heads, head_dim)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # (..., n, heads, head_dim)
+    return x * cos[..., None, :] + rotated * sin[..., None, :]
 
 
 def interleaved_to_half(w: np.ndarray, n_heads: int) -> np.ndarray:

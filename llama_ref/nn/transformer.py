@@ -8,6 +8,7 @@ formats/hf.py and formats/gguf_file.py map the checkpoints' names onto them. Inv
 throughout: row i of a chunk is the token at absolute position start_pos + i.
 """
 from dataclasses import dataclass, replace
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -80,10 +81,36 @@ class KVCache:
         return twin
 
 
-def feed_forward(x: np.ndarray, layer: Layer) -> np.ndarray:
-    """SwiGLU (Shazeer 2020): w2(silu(w1 x) ⊙ w3 x).  x (n, hidden)."""
-    gate, up = project(x, layer.w1, layer.w3)
-    return layer.w2(silu(gate) * up)
+class LayerHooks(Protocol):
+    """What a caller sees of a decoder layer as it runs (the GPTQ quantizer: each Linear's
+    input, and each Linear replaced by its quantized self before the later ones run, in the
+    order q, k, v -> o -> gate, up -> down)."""
+
+    def inputs(self, names: tuple[str, ...], x: np.ndarray) -> None:
+        """x (rows, in): the input that the layer's Linears `names` (Meta names) read next."""
+
+    def replace(self, name: str, linear: Linear) -> Linear:
+        """The Linear to compute with in place of the layer's `name`."""
+
+
+def linears(layer: Layer, names: tuple[str, ...], x: np.ndarray, hooks: LayerHooks | None) -> list[np.ndarray]:
+    """The outputs of the layer's Linears `names` on x (rows, in), in one kernel call when
+    they were fused together."""
+    if hooks is None:
+        return project(x, *(getattr(layer, name) for name in names))
+    hooks.inputs(names, x)
+    return project(x, *(hooks.replace(name, getattr(layer, name)) for name in names))
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """SwiGLU (Shazeer 2020): silu(gate) ⊙ up."""
+    return silu(gate) * up
+
+
+def feed_forward(x: np.ndarray, layer: Layer, hooks: LayerHooks | None = None) -> np.ndarray:
+    """w2(swiglu(w1 x, w3 x)).  x (rows, hidden)."""
+    gated = swiglu(*linears(layer, ("w1", "w3"), x, hooks))            # (rows, intermediate)
+    return linears(layer, ("w2",), gated, hooks)[0]
 
 
 def causal_mask(n: int, start_pos: int) -> np.ndarray:
@@ -110,6 +137,50 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np
     return out.transpose(2, 0, 1, 3).reshape(n, n_heads * d)
 
 
+def cached_attention(caches: list["KVCache"], layer_index: int, start_pos: int) -> Callable:
+    """attend() for sequences that extend their KV caches: each sequence's new keys and values
+    join its cache, and its queries read everything the cache then holds."""
+    def attend(q, k, v):
+        return np.concatenate([attention(q[j], *caches[j].update(layer_index, start_pos, k[j], v[j]), start_pos)
+                               for j in range(len(caches))])
+    return attend
+
+
+def self_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """attend() for whole sequences without a cache (quantizer calibration): each sequence's
+    queries read its own keys and values, from position 0."""
+    return np.concatenate([attention(q[j], k[j].transpose(1, 0, 2), v[j].transpose(1, 0, 2), 0)
+                           for j in range(len(q))])
+
+
+def mixed_values(config: ModelConfig, layer: Layer, h: np.ndarray, batch: int, cos: np.ndarray, sin: np.ndarray,
+                 attend: Callable, hooks: LayerHooks | None) -> np.ndarray:
+    """The attention's input to wo: q, k, v of h (batch * n, hidden), rotated, mixed by
+    attend.  Returns (batch * n, n_heads * head_dim)."""
+    n = h.shape[0] // batch
+    n_heads, n_kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    q, k, v = linears(layer, ("wq", "wk", "wv"), h, hooks)
+    q = apply_rope(q.reshape(batch, n, n_heads, d), cos, sin)           # (batch, n, n_heads, d)
+    k = apply_rope(k.reshape(batch, n, n_kv_heads, d), cos, sin)        # (batch, n, n_kv_heads, d)
+    v = v.reshape(batch, n, n_kv_heads, d)                              # (batch, n, n_kv_heads, d)
+    return attend(q, k, v)
+
+
+def decoder_layer(config: ModelConfig, layer: Layer, x: np.ndarray, batch: int, cos: np.ndarray, sin: np.ndarray,
+                  attend: Callable, hooks: LayerHooks | None = None) -> np.ndarray:
+    """One decoder layer on `batch` sequences of n tokens each: x + attention, then + the
+    feed-forward.  x (batch * n, hidden), sequence by sequence; cos, sin (n, head_dim) for
+    the chunk's positions, or (batch, n, head_dim) for sequences at positions of their own;
+    attend(q, k, v) mixes each sequence's values: q (batch, n, n_heads, d), k, v (batch, n,
+    n_kv_heads, d) -> (batch * n, n_heads * d). Arrays that a later step does not read are
+    freed before it runs: quantizing a layer of a 7B model holds several GB at its widest.
+    Returns (batch * n, hidden)."""
+    mixed = mixed_values(config, layer, rms_norm(x, layer.attention_norm, config.rms_norm_eps), batch, cos, sin,
+                         attend, hooks)                                 # (batch * n, n_heads * d)
+    x = x + linears(layer, ("wo",), mixed, hooks)[0]
+    return x + feed_forward(rms_norm(x, layer.ffn_norm, config.rms_norm_eps), layer, hooks)
+
+
 def embed(tokens: np.ndarray, table) -> np.ndarray:
     """Rows of the embedding table (a StoredTensor, or a GGUFLinear for a quantized one),
     widened.  Returns (n, hidden) float32."""
@@ -126,19 +197,10 @@ def forward(config: ModelConfig, weights: Weights, tokens: np.ndarray, start_pos
     end = start_pos + n
     for cache in caches:
         check_positions(config, cache, n, start_pos)
-    n_heads, n_kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     cos, sin = rope_cos_sin(np.arange(start_pos, end), rope_inv_freq(config, seq_len=end))  # (n, d)
     x = embed(tokens.reshape(-1), weights.tok_embeddings)               # (b * n, hidden)
     for i, layer in enumerate(weights.layers):
-        h = rms_norm(x, layer.attention_norm, config.rms_norm_eps)     # (b * n, hidden)
-        q, k, v = project(h, layer.wq, layer.wk, layer.wv)
-        q = apply_rope(q.reshape(b, n, n_heads, d), cos, sin)           # (b, n, n_heads, d)
-        k = apply_rope(k.reshape(b, n, n_kv_heads, d), cos, sin)        # (b, n, n_kv_heads, d)
-        v = v.reshape(b, n, n_kv_heads, d)                              # (b, n, n_kv_heads, d)
-        out = [attention(q[j], *caches[j].update(i, start_pos, k[j], v[j]), start_pos)
-               for j in range(b)]                                       # b x (n, n_heads * d)
-        x = x + layer.wo(np.concatenate(out))
-        x = x + feed_forward(rms_norm(x, layer.ffn_norm, config.rms_norm_eps), layer)
+        x = decoder_layer(config, layer, x, b, cos, sin, cached_attention(caches, i, start_pos))
     for cache in caches:
         cache.length = end
     logits = weights.output(rms_norm(x, weights.norm, config.rms_norm_eps))  # (b * n, vocab)

