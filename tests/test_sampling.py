@@ -324,3 +324,13 @@ def test_r1_repetition_penalty_agrees_in_every_profile():
         params = SamplingParams(temperature=0, repetition_penalty=2.0, profile=profile)
         z = final_logits(params, [2.0, -2.0, 0.5, 1.0], prompt=[0], generated=[1])
         assert z.tolist() == [1, -4, 0.5, 1], profile
+
+
+def test_top_logprobs_lists_only_tokens_the_filters_kept():
+    """More top_logprobs than survivors (top_k 2, 5 asked): the two survivors, with their
+    probabilities renormalised by hand, and no -inf entry (which JSON cannot carry)."""
+    logits = np.array([3.0, 1.0, 2.0, 0.0, -1.0])
+    sample = Sampler(SamplingParams(top_k=2, top_logprobs=5, seed=0), [], len(logits)).sample(logits)
+    total = np.exp(3.0) + np.exp(2.0)
+    assert [token for token, _ in sample.top_logprobs] == [0, 2]
+    assert np.allclose([lp for _, lp in sample.top_logprobs], [3.0 - np.log(total), 2.0 - np.log(total)])

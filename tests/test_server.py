@@ -109,6 +109,10 @@ def test_streamed_content_equals_the_non_streamed_content(client, extra):
         assert stop not in content
 
 
+def not_json(constant):
+    raise ValueError(f"{constant} is not JSON")
+
+
 def test_n_2_choice_0_equals_n_1_and_logprobs(client):
     kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=10, seed=5, temperature=0.9)
     both = client.chat.completions.create(n=2, **kwargs)
@@ -122,6 +126,14 @@ def test_n_2_choice_0_equals_n_1_and_logprobs(client):
     streamed = [c for c in client.chat.completions.create(logprobs=True, top_logprobs=3, stream=True, **kwargs)
                 if c.choices and c.choices[0].logprobs]
     assert [t.logprob for c in streamed for t in c.choices[0].logprobs.content] == [t.logprob for t in content]
+    filtered = dict(kwargs, logprobs=True, top_logprobs=5)             # more than top_k 2 keeps
+    content = client.chat.completions.create(**filtered, extra_body={"top_k": 2}).choices[0].logprobs.content
+    assert all(1 <= len(t.top_logprobs) <= 2 for t in content)
+    streamed = [json.loads(line[len("data: "):], parse_constant=not_json) for line in httpx.post(
+        f"{client.base_url}chat/completions", json={**filtered, "top_k": 2, "stream": True}).text.splitlines()
+        if line.startswith("data: {")]                                  # strict JSON: no -Infinity
+    assert all(1 <= len(t["top_logprobs"]) <= 2 for c in streamed if c["choices"] and c["choices"][0]["logprobs"]
+               for t in c["choices"][0]["logprobs"]["content"])
 
 
 def test_json_mode_through_the_openai_client(client):

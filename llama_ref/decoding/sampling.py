@@ -196,7 +196,8 @@ def pipeline(params: SamplingParams, history: "Sampler") -> tuple[list[Stage], l
 class Sample:
     token_id: int
     logprob: float                             # under the final distribution
-    top_logprobs: tuple[tuple[int, float], ...]  # params.top_logprobs best (id, logprob), same distribution
+    top_logprobs: tuple[tuple[int, float], ...]  # up to params.top_logprobs best (id, logprob), same distribution,
+                                               # only ids the filters kept
     trace: SamplingTrace | None = None
 
 
@@ -245,6 +246,9 @@ class Sampler:
             token = draw(z, uniform)                                    # step 10
         self.accept(token)
         logprobs = log_softmax(z)
+        # Only tokens the filters kept: a removed one has probability 0 (a -inf that JSON cannot
+        # carry), so fewer than top_logprobs come back when fewer survive, as llama.cpp's do.
         best = np.argsort(-logprobs, kind="stable")[:self.params.top_logprobs] if self.params.top_logprobs else []
+        best = [i for i in best if np.isfinite(logprobs[i])]
         return Sample(token, float(logprobs[token]), tuple((int(i), float(logprobs[i])) for i in best),
                       trace_of(self.params.profile, self.seed, self.choice, steps, uniform, token) if self.trace else None)
