@@ -64,20 +64,20 @@ RULES = {rule.name: rule for rule in (
 @dataclass(frozen=True)
 class SamplingParams:
     """Every parameter of both provider APIs, with neutral defaults (each default is an exact
-    no-op). Ranges: RULES; the server narrows them per route."""
-    temperature: float = 1.0          # 0 means greedy
-    top_p: float = 1.0                # (0, 1]
-    top_k: int = 0                    # 0 = off
-    min_p: float = 0.0                # [0, 1]
-    repetition_penalty: float = 1.0   # [0.01, 5]; 1 = off
-    presence_penalty: float = 0.0     # [-2, 2]
-    frequency_penalty: float = 0.0    # [-2, 2]
-    stop: tuple[str, ...] = ()        # at most 16, none empty
-    max_new_tokens: int | None = None  # None: up to the context
-    n: int = 1                        # 1 or 2
-    seed: int | None = None           # None: drawn from the OS and reported
+    no-op). Defaults and ranges: RULES; the server narrows the ranges per route."""
+    temperature: float = RULES["temperature"].default     # 0 means greedy
+    top_p: float = RULES["top_p"].default
+    top_k: int = RULES["top_k"].default                    # 0 = off
+    min_p: float = RULES["min_p"].default
+    repetition_penalty: float = RULES["repetition_penalty"].default   # 1 = off
+    presence_penalty: float = RULES["presence_penalty"].default
+    frequency_penalty: float = RULES["frequency_penalty"].default
+    stop: tuple[str, ...] = ()                             # at most MAX_STOP_STRINGS, none empty
+    max_new_tokens: int | None = RULES["max_new_tokens"].default   # None: up to the context
+    n: int = RULES["n"].default
+    seed: int | None = RULES["seed"].default               # None: drawn from the OS and reported
     logprobs: bool = False
-    top_logprobs: int = 0             # [0, 20]
+    top_logprobs: int = RULES["top_logprobs"].default
     profile: str = "reference"
     response_format: str = "text"     # "text" | "json_object" (constrained decoding, constrained.py)
 
