@@ -202,11 +202,14 @@ def cmd_serve(args) -> None:
         aliases[name] = target
     if args.max_queue < 1:
         raise LlamaRefError(f"--max-queue: must be at least 1, got {args.max_queue}")
+    if args.max_body_bytes < 1:
+        raise LlamaRefError(f"--max-body-bytes: must be at least 1, got {args.max_body_bytes}")
     model = load_model(args.model)
     if model.tokenizer is None:
         raise LlamaRefError(f"--model {args.model}: serving needs a tokenizer (tokenizer.model or tokenizer.json)")
     settings = ServerSettings(served_model_name=args.served_model_name, aliases=aliases,
-                              api_key=args.api_key, price_per_mtoken=args.price_per_mtoken, max_queue=args.max_queue)
+                              api_key=args.api_key, price_per_mtoken=args.price_per_mtoken, max_queue=args.max_queue,
+                              max_body_bytes=args.max_body_bytes)
     print(SERVE_BANNER.format(model=args.model, name=args.served_model_name, url=f"http://{args.host}:{args.port}"),
           file=sys.stderr, flush=True)
     uvicorn.run(create_app(settings, model), host=args.host, port=args.port, log_level="warning")
@@ -278,6 +281,7 @@ def main(argv=None) -> int:
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     serve.add_argument("--price-per-mtoken", type=float, default=0.0, help="dollars per million tokens (usage cost)")
     serve.add_argument("--max-queue", type=int, default=8, help="requests running or waiting before 503")
+    serve.add_argument("--max-body-bytes", type=int, default=2_000_000, help="larger request bodies get 413")
     serve.set_defaults(run=cmd_serve)
     quant = commands.add_parser(
         "quantize", help="GPTQ (or round-to-nearest) 4-bit quantization into a standard GPTQ checkpoint",

@@ -17,7 +17,6 @@ from tokenizers import normalizers
 
 import oracles
 from llama_ref.tokenizer import HFTokenizer, load_gguf_tokenizer, load_tokenizer
-from llama_ref.tokenizer.gguf_vocab import read_gguf_vocab, sentencepiece_model
 
 # CI replays the same generated examples on every run, so a landing never hinges on luck;
 # a local run explores new ones (and keeps any failure in .hypothesis/ to replay).
@@ -106,11 +105,38 @@ LLAMA_SPM = "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
 
 
 def _fetch(requirement, members, kind="wheel"):
-    from llama_ref.tools.assets import AssetError, fetch_package_files
+    from llama_ref.tools.assets import fetch_package_files
+    return fetch_package_files(requirement, members, kind)
+
+
+# A missing asset or oracle (AssetError, from any fixture or test: _fetch, load_model("default"),
+# llama2_tokenizer_model()) fails the test in CI, naming what is missing. Outside CI the test
+# is skipped, and the summary lists every such skip under its own loud heading.
+MISSING_ORACLES: list[str] = []
+
+
+def _missing_asset_skips(item):
+    from llama_ref.tools.assets import AssetError
     try:
-        return fetch_package_files(requirement, members, kind)
+        return (yield)
     except AssetError as err:
-        pytest.skip(f"the package registry could not provide {requirement}: {err}")
+        if os.environ.get("CI"):
+            raise
+        MISSING_ORACLES.append(f"{item.nodeid}: {err}")
+        pytest.skip(f"ORACLE MISSING (CI would fail): {err}")
+
+
+pytest_runtest_setup = pytest.hookimpl(wrapper=True)(_missing_asset_skips)
+pytest_runtest_call = pytest.hookimpl(wrapper=True)(_missing_asset_skips)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MISSING_ORACLES:
+        terminalreporter.section(f"{len(MISSING_ORACLES)} TESTS SKIPPED: AN INDEPENDENT ORACLE OR ASSET IS MISSING",
+                                 sep="!", red=True, bold=True)
+        for line in MISSING_ORACLES:
+            terminalreporter.line(line, red=True)
+        terminalreporter.line("With CI set these fail; fix the download (see llama_ref/tools/assets.py).", red=True)
 
 
 @pytest.fixture(scope="session")
@@ -150,13 +176,38 @@ CORPUS = [
 
 @pytest.fixture(scope="session")
 def llama_tokenizers(llama_vocab_files, tmp_path_factory):
-    """The Llama-2 vocabulary three ways: our GGUF loader, the sentencepiece library on the
-    rebuilt model, and a tokenizer.json made from that model by transformers and read by our
-    HF backend (see _three_ways)."""
+    """The Llama-2 vocabulary three ways: our GGUF loader, the sentencepiece library on a
+    model rebuilt here without llama_ref's code (llama2_spm_model), and a tokenizer.json made
+    from that model by transformers and read by our HF backend (see _three_ways)."""
     directory = tmp_path_factory.mktemp("llama-tok")
-    model = sentencepiece_model(read_gguf_vocab(llama_vocab_files[LLAMA_SPM]))
-    (directory / "tokenizer.model").write_bytes(model)
+    (directory / "tokenizer.model").write_bytes(llama2_spm_model(llama_vocab_files[LLAMA_SPM]))
     return _three_ways(directory, load_gguf_tokenizer(llama_vocab_files[LLAMA_SPM]))
+
+
+def llama2_spm_model(gguf_file) -> bytes:
+    """Llama-2's tokenizer.model, rebuilt independently of llama_ref: the gguf package reads
+    the vocabulary, sentencepiece's own protobuf module writes it, with the settings of Meta's
+    published model (BPE, byte fallback, digits split, identity normalizer, a dummy prefix,
+    whitespace kept, <unk> <s> </s> = 0 1 2; GGUF token types number as SentencePiece's do).
+    test_llama2_hf_vectors holds it to the 47 ids that HF's tokenizer gave."""
+    from gguf import GGUFReader
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    fields = GGUFReader(gguf_file).fields
+
+    def values(name):
+        return [fields[name].parts[i] for i in fields[name].data]
+    proto = pb.ModelProto()
+    for piece, score, kind in zip(values("tokenizer.ggml.tokens"), values("tokenizer.ggml.scores"),
+                                  values("tokenizer.ggml.token_type")):
+        proto.pieces.add(piece=bytes(piece).decode(), score=float(score[0]), type=int(kind[0]))
+    trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
+    trainer.model_type, trainer.vocab_size = pb.TrainerSpec.BPE, len(proto.pieces)
+    trainer.byte_fallback, trainer.split_digits = True, True
+    trainer.unk_id, trainer.bos_id, trainer.eos_id, trainer.pad_id = 0, 1, 2, -1
+    normalizer.name, normalizer.add_dummy_prefix = "identity", True
+    normalizer.remove_extra_whitespaces, normalizer.escape_whitespaces = False, True
+    return proto.SerializeToString()
 
 
 @pytest.fixture(scope="session")
@@ -196,9 +247,14 @@ def _three_ways(directory, ours):
 
 
 @pytest.fixture(scope="session")
+def smollm2_hf_fp32(smollm2_gguf):
+    """The same in float32: transformers' reading of the GGUF, kept (see oracles.smollm2_checkpoint)."""
+    return oracles.smollm2_checkpoint(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
 def smollm2_hf_fp16(smollm2_gguf):
-    """SmolLM2-135M-Instruct as an HF fp16 safetensors checkpoint, dequantized from the GGUF by
-    transformers and cached under $LLAMA_REF_HOME (about a minute the first time)."""
+    """SmolLM2-135M-Instruct as an HF fp16 safetensors checkpoint (oracles.smollm2_fp16_checkpoint)."""
     return oracles.smollm2_fp16_checkpoint(smollm2_gguf)
 
 
@@ -222,19 +278,23 @@ CALIBRATION = [
     "Rivers carry water from mountains to the sea.", "Light travels faster than sound.",
 ]
 
-GPTQ_VARIANTS = {"sym": dict(desc_act=False, sym=True), "act-order": dict(desc_act=True, sym=True),
-                 "asym": dict(desc_act=False, sym=False)}
+# Two checkpoints cover the three paths (symmetric; act-order's g_idx; asymmetric zero points):
+# each costs gptqmodel about 80 s on 2 cores, once per machine.
+GPTQ_VARIANTS = {"sym": dict(desc_act=False, sym=True), "asym-act-order": dict(desc_act=True, sym=False)}
 
 @pytest.fixture(scope="session")
 def smollm2_gptq(smollm2_hf_fp16):
     """smollm2_gptq(variant) -> SmolLM2-135M-Instruct quantized by gptqmodel 7.7.0 on CPU
-    (4 bits, group size 128; GPTQ_VARIANTS), cached under $LLAMA_REF_HOME (about a minute each)."""
-    from llama_ref.tools.assets import cache_home
+    (4 bits, group size 128; GPTQ_VARIANTS), cached under $LLAMA_REF_HOME. The missing ones
+    are made side by side: gptqmodel waits on its own threads most of the time, so two runs
+    on 2 cores take 99 s together against 165 s one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    def get(variant):
-        target = cache_home() / "derived" / f"smollm2-135m-instruct-gptq-{variant}-gptqmodel7.7.0"
-        if not target.exists():
-            oracles.gptqmodel_quantize(smollm2_hf_fp16, target, dict(group_size=128, **GPTQ_VARIANTS[variant]),
-                                       CALIBRATION)
-        return target
-    return get
+    from llama_ref.tools.assets import cache_home
+    targets = {variant: cache_home() / "derived" / f"smollm2-135m-instruct-gptq-{variant}-gptqmodel7.7.0"
+               for variant in GPTQ_VARIANTS}
+    missing = [variant for variant, target in targets.items() if not target.exists()]
+    with ThreadPoolExecutor(max_workers=max(1, len(missing))) as pool:
+        list(pool.map(lambda v: oracles.gptqmodel_quantize(smollm2_hf_fp16, targets[v], dict(
+            group_size=128, **GPTQ_VARIANTS[v]), CALIBRATION), missing))
+    return targets.__getitem__

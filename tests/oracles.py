@@ -27,24 +27,49 @@ model.save(target)
 
 
 def smollm2_fp16_checkpoint(gguf_file: Path) -> Path:
-    """SmolLM2-135M-Instruct as an HF fp16 safetensors checkpoint, dequantized from the GGUF by
-    transformers (about a minute the first time)."""
+    """SmolLM2-135M-Instruct as an HF fp16 safetensors checkpoint: transformers' float32
+    dequantization of the GGUF (smollm2_checkpoint), cast to fp16 by transformers. That is
+    byte for byte what transformers writes when it dequantizes the GGUF to fp16 itself
+    (checked once), in a few seconds instead of another conversion."""
     import torch
     import transformers
-    target = cache_home() / "derived" / f"smollm2-135m-instruct-fp16-transformers{transformers.__version__}"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
-    try:
+    source = smollm2_checkpoint(gguf_file)
+
+    def make(staging: Path) -> None:
+        transformers.AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float16).save_pretrained(staging)
+        transformers.AutoTokenizer.from_pretrained(str(source)).save_pretrained(staging)
+    return derived(f"smollm2-135m-instruct-fp16-transformers{transformers.__version__}", make)
+
+
+def smollm2_checkpoint(gguf_file: Path) -> Path:
+    """SmolLM2-135M-Instruct dequantized from the GGUF by transformers, saved in float32 with
+    transformers' tokenizer for the GGUF: made once, because transformers takes about 25 s to
+    convert the GGUF and a second to read the result."""
+    import torch
+    import transformers
+
+    def make(staging: Path) -> None:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float16,
+            str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32,
             quantization_config=transformers.GgufConfig(dequantize=True))
         model.hf_quantizer, model.is_quantized = None, False
         model.config.__dict__.pop("quantization_config", None)
         model.save_pretrained(staging)
         transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name
                                                    ).save_pretrained(staging)
+    return derived(f"smollm2-135m-instruct-fp32-transformers{transformers.__version__}", make)
+
+
+def derived(name: str, make) -> Path:
+    """$LLAMA_REF_HOME/derived/name, made by make(staging directory) the first time and
+    renamed into place whole, so that an interrupted run leaves nothing half-written."""
+    target = cache_home() / "derived" / name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    try:
+        make(staging)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -73,3 +98,25 @@ def gptqmodel_quantize(source: Path, target: Path, options: dict, calibration: l
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# One process for every checkpoint: importing gptqmodel takes longer than loading and
+# generating. argv: JSON [[checkpoint, prompt ids, new tokens], ...]; prints a JSON list of ids.
+GENERATE_SCRIPT = """
+import json, sys, torch
+from gptqmodel import BACKEND, GPTQModel
+answers = []
+for directory, prompt, new_tokens in json.loads(sys.argv[1]):
+    model = GPTQModel.load(directory, backend=BACKEND.TORCH, dtype=torch.float16, device="cpu")
+    ids = torch.tensor([prompt])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens)
+    answers.append(out[0, ids.shape[1]:].tolist())
+print(json.dumps(answers))
+"""
+
+
+def gptqmodel_greedy(requests: list, cwd) -> list[list[int]]:
+    """gptqmodel's greedy ids for each (checkpoint, prompt ids, new tokens)."""
+    result = subprocess.run([sys.executable, "-c", GENERATE_SCRIPT, json.dumps([[str(d), p, n] for d, p, n in requests])],
+                            env={**os.environ, **GPTQMODEL_ENV}, capture_output=True, text=True, check=True, cwd=cwd)
+    return json.loads(result.stdout.strip().splitlines()[-1])

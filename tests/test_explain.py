@@ -6,8 +6,8 @@ import numpy as np
 import llama_ref
 from llama_ref import SamplingParams
 from llama_ref.decoding.trace import explain, format_trace, plot_trace
-from llama_ref.decoding.sampling import apply_repetition_penalty, apply_temperature, min_p_filter, top_k_filter, top_p_filter
 from test_cli import run_cli
+from test_sampling import independent_stages
 
 PARAMS = SamplingParams(temperature=0.7, top_k=6, top_p=0.8, min_p=0.5, repetition_penalty=1.5, seed=5)
 PROMPT = [1, 17, 90, 5, 250]
@@ -16,19 +16,18 @@ PROMPT = [1, 17, 90, 5, 250]
 def test_the_trace_follows_each_stage_of_one_step(checkpoint):
     model = llama_ref.load_model(checkpoint("gqa"))
     trace = explain(model, PROMPT, PARAMS)
-    # The same step computed here from the stage functions directly.
-    cache = model.new_cache()
-    z = model.forward(PROMPT, 0, cache)[-1].astype(np.float64)
-    expected = [z.size]
-    for stage in [lambda z: apply_repetition_penalty(z, np.unique(PROMPT), 1.5), lambda z: z,
-                  lambda z: apply_temperature(z, .7), lambda z: top_k_filter(z, 6), lambda z: top_p_filter(z, .8),
-                  lambda z: min_p_filter(z, .5)]:
-        z = stage(z)
-        expected.append(int(np.isfinite(z).sum()))
-    assert [s.survivors for s in trace.stages] == expected
+    # The same step by the independent re-implementation of the stages in test_sampling.
+    logits = model.forward(PROMPT, 0, model.new_cache())[-1]
+    stages = independent_stages(logits, PARAMS, PROMPT, [])
+    assert [s.survivors for s in trace.stages] == [logits.size] + [len(p) for _, p in stages]
+    for record, (name, p) in zip(trace.stages[1:], stages):
+        expected = [p.get(i, 0.0) for i in trace.candidates]
+        assert np.allclose(record.probs, expected, rtol=1e-9, atol=1e-12), name
     assert [s.active for s in trace.stages] == [True, True, False, True, True, True, True]
-    assert expected[3] > expected[4] > expected[5] > expected[6] >= 1  # each filter removed something here
-    assert trace.token_id in trace.candidates and 0 <= trace.uniform < 1 and trace.seed == 5
+    counts = [len(p) for _, p in stages]
+    assert counts[2] > counts[3] > counts[4] > counts[5] >= 1  # each filter removed something here
+    assert trace.token_id in stages[-1][1] and trace.token_id in trace.candidates
+    assert 0 <= trace.uniform < 1 and trace.seed == 5
     json.dumps(trace.to_dict())
 
     table = format_trace(trace).splitlines()
@@ -36,7 +35,7 @@ def test_the_trace_follows_each_stage_of_one_step(checkpoint):
     for setting in ["repetition_penalty=1.5", "temperature=0.7", "top_k=6", "top_p=0.8", "min_p=0.5"]:
         assert setting in table[1]
     assert "frequency" not in table[1]          # neutral parameters are left out
-    assert table[2].split()[1:] == [str(n) for n in expected[:2] + expected[3:]]
+    assert table[2].split()[1:] == [str(logits.size)] + [str(counts[0])] + [str(n) for n in counts[2:]]
     assert sum(line.startswith("* ") for line in table) == 1
 
 

@@ -56,10 +56,10 @@ def test_q_k_rows_are_put_back_in_hf_order(heads, head_dim):
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
+def smollm2(smollm2_gguf, smollm2_hf_fp32):
+    """Ours on the GGUF; transformers on its own float32 dequantization of the same GGUF."""
     ours = llama_ref.load_model(smollm2_gguf)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                                               dtype=torch.float32).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_hf_fp32), dtype=torch.float32).eval()
     return ours, theirs
 
 
@@ -79,7 +79,8 @@ def test_smollm2_gguf_greedy_tokens_and_logits_equal_transformers(smollm2, promp
     cache = ours.new_cache()
     logits = ours.forward(ids, 0, cache)[-1]
     for step, token in enumerate(their_tokens):
-        assert relative_error(logits, out.logits[step][0].numpy()) <= 1e-3, f"step {step}"
+        # Measured at most 2.8e-6 over the three prompts' 64 steps (AVX2 EPYC, 2 threads).
+        assert relative_error(logits, out.logits[step][0].numpy()) <= 1e-5, f"step {step}"
         logits[eos] = -np.inf   # min_new_tokens=64 keeps transformers from choosing end-of-sequence
         assert int(np.argmax(logits)) == token, f"step {step}"
         logits = ours.forward([token], len(ids) + step, cache)[-1]

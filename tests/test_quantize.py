@@ -67,36 +67,52 @@ def test_gptq_layer_error_is_below_round_to_nearest(group_size, act_order):
         assert np.array_equal(np.bincount(ours.g_idx), np.bincount(np.arange(w.shape[1]) // group_size))
 
 
+# gptqmodel's GPTQ on one layer, for each options dict of argv[2] (JSON list); the results go
+# to argv[3] as arrays "0", "1", ... in the same order. One process: the import is the slow part.
 LAYER_SCRIPT = """
 import json, sys, numpy as np, torch
 from gptqmodel.quantization.config import QuantizeConfig
 from gptqmodel.quantization.gptq import GPTQ
-data, options = np.load(sys.argv[1]), json.loads(sys.argv[2])
-layer = torch.nn.Linear(data["weight"].shape[1], data["weight"].shape[0], bias=False)
-layer.weight.data = torch.from_numpy(data["weight"])
-quantizer = GPTQ(layer, QuantizeConfig(bits=4, act_group_aware=False, **options))
-quantizer.quantizer.configure(perchannel=True)
-quantizer.add_batch(torch.from_numpy(data["inputs"]).unsqueeze(0), None)
-np.save(sys.argv[3], quantizer.quantize()[0].float().numpy())
+data, results = np.load(sys.argv[1]), {}
+for i, options in enumerate(json.loads(sys.argv[2])):
+    layer = torch.nn.Linear(data["weight"].shape[1], data["weight"].shape[0], bias=False)
+    layer.weight.data = torch.from_numpy(data["weight"])
+    quantizer = GPTQ(layer, QuantizeConfig(bits=4, act_group_aware=False, **options))
+    quantizer.quantizer.configure(perchannel=True)
+    quantizer.add_batch(torch.from_numpy(data["inputs"]).unsqueeze(0), None)
+    results[str(i)] = quantizer.quantize()[0].float().numpy()
+np.savez(sys.argv[3], **results)
 """
+
+LAYER_CASES = [(128, False), (128, True), (32, False), (32, True)]   # (group size, act-order)
+
+
+@pytest.fixture(scope="module")
+def gptqmodel_layer(tmp_path_factory):
+    """(w, x, {case: gptqmodel's dequantized weight}) for one correlated layer."""
+    directory = tmp_path_factory.mktemp("layer")
+    w, x = correlated_layer(out=256, n=512, rows=2048)
+    np.savez(directory / "layer.npz", weight=w, inputs=x)
+    options = [dict(group_size=g, desc_act=a, sym=True, damp_percent=0.01) for g, a in LAYER_CASES]
+    subprocess.run([sys.executable, "-c", LAYER_SCRIPT, str(directory / "layer.npz"), json.dumps(options),
+                    str(directory / "theirs.npz")], env={**os.environ, **GPTQMODEL_ENV}, cwd=directory, check=True,
+                   capture_output=True, timeout=600)
+    theirs = np.load(directory / "theirs.npz")
+    return w, x, {case: theirs[str(i)] for i, case in enumerate(LAYER_CASES)}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group_size,act_order", [(128, False), (128, True), (32, False), (32, True)])
-def test_gptq_layer_error_is_that_of_gptqmodels_gptq(group_size, act_order, tmp_path):
-    w, x = correlated_layer(out=256, n=512, rows=2048)
-    np.savez(tmp_path / "layer.npz", weight=w, inputs=x)
-    options = dict(group_size=group_size, desc_act=act_order, sym=True, damp_percent=0.01)
-    subprocess.run([sys.executable, "-c", LAYER_SCRIPT, str(tmp_path / "layer.npz"), json.dumps(options),
-                    str(tmp_path / "theirs.npy")], env={**os.environ, **GPTQMODEL_ENV}, cwd=tmp_path, check=True,
-                   capture_output=True, timeout=600)
-    theirs = np.load(tmp_path / "theirs.npy")
+@pytest.mark.parametrize("group_size,act_order", LAYER_CASES)
+def test_gptq_layer_error_is_that_of_gptqmodels_gptq(group_size, act_order, gptqmodel_layer):
+    w, x, solutions = gptqmodel_layer
+    theirs = solutions[group_size, act_order]
     settings = QuantizeSettings(group_size=group_size, act_order=act_order)
     ours = gptq(w, hessian_of(x).inverse(settings), settings).dequantize()
     errors = [layer_error(x, w, w_hat) for w_hat in (ours, theirs)]
     rtn = layer_error(x, w, round_to_nearest(w, QuantizeSettings(group_size=group_size)).dequantize())
-    # Measured: ours within 0.01% of theirs, at 0.49-0.50 of RTN's error (0.27-0.28 with act-order).
-    assert abs(errors[0] / errors[1] - 1) < 0.02, (*errors, rtn)
+    # Measured: ours within 0.01% of theirs, at 0.49-0.50 of RTN's error (0.27-0.28 with
+    # act-order); 0.1% leaves ten times that, and is far below what a broken update costs.
+    assert abs(errors[0] / errors[1] - 1) < 1e-3, (*errors, rtn)
     # The same solution, not just as good a one: 99.5-100% of the weights equal theirs up to
     # the fp16 rounding of our stored scales (theirs come back with fp32 scales). Rounding
     # scales to fp16 before quantizing, as this code once did, matched 88-91%: one tie rounded
@@ -218,18 +234,20 @@ DEQUANTIZE_SCRIPT = """
 import sys, numpy as np, torch
 from gptqmodel import BACKEND, GPTQModel
 model = GPTQModel.load(sys.argv[1], backend=BACKEND.TORCH, dtype=torch.float16, device="cpu")
-names = sys.argv[3].split(",")
 modules = dict(model.model.named_modules())
-np.savez(sys.argv[2], **{name: modules[name].dequantize_weight().numpy() for name in names})
+np.savez(sys.argv[2], **{name: modules[name].dequantize_weight().numpy() for name in sys.argv[3].split(",")})
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [["--act-order"], ["--asym", "--format", "gptq_v2", "--group-size", "64"]],
-                         ids=["sym v1 act-order", "asym v2 g64"])
-def test_cli_quantizes_the_default_model_into_what_gptqmodel_loads(flags, tmp_path, capsys):
+def test_cli_quantizes_the_default_model_into_what_gptqmodel_loads(tmp_path, capsys):
+    """One run with every non-default flag (act-order, asymmetric, gptq_v2, group size 64).
+    gptqmodel's dequantization of what we wrote must equal, bit for bit, both a plain unpacking
+    of the files and what our loader runs. (The default v1 format is held to gptqmodel through
+    the checkpoints gptqmodel makes, which our loader reads exactly: test_gptq_real.)"""
     target = tmp_path / "smollm2-gptq"
-    assert main(["quantize", "default", str(target), "--samples", "8", "--seq-len", "64", *flags]) == 0
+    assert main(["quantize", "default", str(target), "--samples", "8", "--seq-len", "64", "--act-order", "--asym",
+                 "--format", "gptq_v2", "--group-size", "64"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["linears"] == 210 and report["calibration_tokens"] == 512
     names = ["model.layers.0.self_attn.q_proj", "model.layers.7.mlp.down_proj", "model.layers.29.mlp.up_proj"]
@@ -237,17 +255,15 @@ def test_cli_quantizes_the_default_model_into_what_gptqmodel_loads(flags, tmp_pa
                     ",".join(names)], env={**os.environ, **GPTQMODEL_ENV}, cwd=tmp_path, check=True,
                    capture_output=True, timeout=600)
     theirs = np.load(tmp_path / "theirs.npz")
-    model = llama_ref.load_model(target)
     tensors = read_checkpoint(target)
-    v1 = "--format" not in flags
+    loaded = {linear.name: linear for layer in llama_ref.load_model(target).weights.layers
+              for linear in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w1, layer.w2, layer.w3)}
     for name in names:
-        zeros = unpack_columns(tensors[name + ".qzeros"].data).astype(np.float32) + (1 if v1 else 0)
-        ours = dequantize_numpy(tensors[name + ".qweight"].data, zeros, tensors[name + ".scales"].to_float32(),
-                                tensors[name + ".g_idx"].data).astype(np.float16)
-        assert np.array_equal(ours.view(np.uint16), theirs[name].view(np.uint16)), name
-    answer = model.chat([{"role": "user", "content": "What is the capital of France?"}],
-                        llama_ref.SamplingParams(temperature=0, max_new_tokens=12)).result().choices[0].text
-    assert answer.strip(), answer
+        zeros = unpack_columns(tensors[name + ".qzeros"].data).astype(np.float32)     # gptq_v2: stored as they are
+        files = dequantize_numpy(tensors[name + ".qweight"].data, zeros, tensors[name + ".scales"].to_float32(),
+                                 tensors[name + ".g_idx"].data)                       # (in, out)
+        assert np.array_equal(files.astype(np.float16).view(np.uint16), theirs[name].view(np.uint16)), name
+        assert np.array_equal(loaded[name].dequantize(), files.T), name
 
 
 def test_cli_quantize_rtn_then_perplexity(tmp_path, capsys):
@@ -261,6 +277,7 @@ def test_cli_quantize_rtn_then_perplexity(tmp_path, capsys):
     assert main(["perplexity", "default", "--text", str(text), "--ctx", "64", "--stride", "32"]) == 0
     original = json.loads(capsys.readouterr().out)
     assert quantized["tokens"] == original["tokens"] > 100
-    assert 1 < original["perplexity"] < quantized["perplexity"] < 4 * original["perplexity"]
+    # Measured 2.06 and 2.13 (x1.03); RTN with a wrong scale or zero point lands far above x1.1.
+    assert 1 < original["perplexity"] < quantized["perplexity"] < 1.1 * original["perplexity"]
     assert main(["quantize", "default", str(target), "--method", "rtn"]) == 2   # exists: refused, untouched
     assert main(["perplexity", "default", "--text", str(tmp_path / "missing.txt")]) == 1

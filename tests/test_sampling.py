@@ -146,25 +146,32 @@ def test_s7_empty_or_too_many_stop_strings_are_rejected():
 
 # --- the draw, reproduced by an independent implementation ---------------------------------
 
-def independent_sample(logits, params, prompt, generated, u):
-    """docs/spec/sampling.md steps 3-10 written again, with plain Python loops and sorting."""
+def independent_stages(logits, params, prompt, generated):
+    """docs/spec/sampling.md steps 3-9 written again, with plain Python loops and sorting:
+    [(stage, {id: probability})] after the repetition penalty, the frequency and presence
+    penalties, temperature, top_k, top_p and min_p (only the first two when greedy). An id
+    missing from a stage's dict was removed."""
     z = [float(v) for v in logits]
-    for j in set(prompt) | set(generated):
-        z[j] = z[j] / params.repetition_penalty if z[j] > 0 else z[j] * params.repetition_penalty
-    for j in set(generated):
-        z[j] -= params.frequency_penalty * generated.count(j) + params.presence_penalty
-    if params.temperature == 0:
-        return z.index(max(z))
-    z = [v / params.temperature for v in z]
     alive = list(range(len(z)))
-    if 0 < params.top_k < len(z):
-        kth = sorted(z, reverse=True)[params.top_k - 1]
-        alive = [j for j in alive if z[j] >= kth]
 
     def probs(ids):
         top = max(z[j] for j in ids)
         weights = {j: math.exp(z[j] - top) for j in ids}
         return {j: w / sum(weights.values()) for j, w in weights.items()}
+    for j in set(prompt) | set(generated):
+        z[j] = z[j] / params.repetition_penalty if z[j] > 0 else z[j] * params.repetition_penalty
+    stages = [("repetition_penalty", probs(alive))]
+    for j in set(generated):
+        z[j] -= params.frequency_penalty * generated.count(j) + params.presence_penalty
+    stages.append(("frequency_presence", probs(alive)))
+    if params.temperature == 0:
+        return stages
+    z = [v / params.temperature for v in z]
+    stages.append(("temperature", probs(alive)))
+    if 0 < params.top_k < len(z):
+        kth = sorted(z, reverse=True)[params.top_k - 1]
+        alive = [j for j in alive if z[j] >= kth]
+    stages.append(("top_k", probs(alive)))
     if params.top_p < 1:
         p, mass, kept = probs(alive), 0.0, []
         for j in sorted(alive, key=lambda j: (-p[j], j)):
@@ -172,15 +179,26 @@ def independent_sample(logits, params, prompt, generated, u):
                 kept.append(j)
             mass += p[j]
         alive = sorted(kept)
+    stages.append(("top_p", probs(alive)))
     if params.min_p > 0:
         p = probs(alive)
         alive = [j for j in alive if p[j] >= params.min_p * max(p.values())]
-    p, total = probs(alive), 0.0
-    for j in sorted(alive):
+    stages.append(("min_p", probs(alive)))
+    return stages
+
+
+def independent_sample(logits, params, prompt, generated, u):
+    """Step 10 on independent_stages: the lowest id on ties when greedy, else the first id
+    (in id order) whose cumulative probability passes u."""
+    p = independent_stages(logits, params, prompt, generated)[-1][1]
+    if params.temperature == 0:
+        return min(p, key=lambda j: (-p[j], j))
+    total = 0.0
+    for j in sorted(p):
         total += p[j]
         if total > u:
             return j
-    return max(alive)
+    return max(p)
 
 
 @settings(max_examples=300, deadline=None)
@@ -212,9 +230,8 @@ def test_an_independent_implementation_reproduces_our_tokens(seed, temperature, 
 def test_draw_frequencies_match_the_filtered_distribution(params):
     logits = np.random.default_rng(5).standard_normal(12) * 1.5
     sampler = Sampler(params, [], 12)
-    z = min_p_filter(top_p_filter(top_k_filter(apply_temperature(logits, params.temperature), params.top_k),
-                                  params.top_p), params.min_p)
-    expected = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    final = independent_stages(logits, params, [], [])[-1][1]
+    expected = np.array([final.get(j, 0.0) for j in range(12)])
     counts = np.zeros(12)
     for _ in range(20_000):
         token = sampler.sample(logits).token_id

@@ -12,12 +12,21 @@ import time
 
 from pathlib import Path
 
+import asyncio
+
 import httpx
+import numpy as np
 import openai
 import pytest
+import uvicorn
 
+import llama_ref
 from llama_ref.decoding.params import RULES
+from llama_ref.server import ServerSettings, create_app
+from llama_ref.server.native import native_stream
+from llama_ref.server.openai import token_logprob
 from llama_ref.server.schemas import ChatRequest, NativeRequest, sampling_field
+from llama_ref.tokenizer import SentencePieceTokenizer
 from llama_ref.tools.synth import llama2_tokenizer_model
 from conftest import make_checkpoint
 
@@ -53,10 +62,51 @@ class Server:
         return self.log.read()
 
     def stop(self):
-        """Stop the server; no request may have ended in an unhandled error (a 500)."""
-        self.process.terminate()
-        self.process.wait(timeout=30)
-        assert "Traceback" not in self.output() and " 500 " not in self.output(), self.output()
+        """Stop the server; no request may have failed on its side (see no_server_errors)."""
+        try:
+            no_server_errors(self.url)
+        finally:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+        assert "Traceback" not in self.output(), self.output()
+
+
+def no_server_errors(url: str) -> None:
+    """The server's own count of requests that failed on its side (a 500, or an exception in
+    a stream whose 200 had already gone out): the logs, at warning level, show neither."""
+    health = httpx.get(url + "/health").json()
+    assert health["server_errors"] == 0, health
+
+
+class ThreadServer:
+    """create_app on a model in this process, served by uvicorn on a thread, so that a test can
+    hold or break the model and read the server's state."""
+
+    def __init__(self, model, **settings):
+        self.app = create_app(ServerSettings(served_model_name="tiny", **settings), model)
+        self.state = self.app.state.server
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.uvicorn.started, "the server did not start")
+
+    def stop(self, check: bool = True):
+        try:
+            if check:
+                no_server_errors(self.url)
+        finally:
+            self.uvicorn.should_exit = True
+            self.thread.join(timeout=30)
+
+
+def wait_until(condition, failure: str, timeout: float = 60.0) -> None:
+    """Poll a condition of the server's state; no sleep stands in for an event."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +187,9 @@ def test_n_2_choice_0_equals_n_1_and_logprobs(client):
 
 
 def test_json_mode_through_the_openai_client(client):
-    """50 seeded requests on random weights: every answer parses and finishes with stop."""
-    for seed in range(50):
+    """20 seeded requests on random weights: every answer parses and finishes with stop (the
+    JSON-mode suite, test_constrained, runs the constraint itself on many more)."""
+    for seed in range(20):
         kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=20 + seed % 20, seed=seed,
                       response_format={"type": "json_object"})
         whole = client.chat.completions.create(**kwargs)
@@ -353,54 +404,177 @@ def test_api_key(model_dir):
         guarded.stop()
 
 
-def test_a_client_that_leaves_stops_its_generation(server):
-    body = {"input": "Tell me a long story", "max_new_tokens": None, "stream": True, "seed": 1, "temperature": 1.0}
-    with httpx.Client(timeout=30) as http:
-        with http.stream("POST", f"{server.url}/v1/inference/tiny", json=body) as response:
-            events = 0
-            for line in response.iter_lines():
-                events += line.startswith("data: ")
-                if events == 3:
-                    break
-    time.sleep(0.5)
-    before = httpx.get(server.url + "/health").json()["generated_tokens"]
-    time.sleep(1.0)
-    after = httpx.get(server.url + "/health").json()["generated_tokens"]
-    assert after - before <= 1
+def loaded(model_dir, change=None):
+    """A fresh Model of the served checkpoint whose forward_batch (which forward calls too) is
+    wrapped: change(original, *args) -> logits (b, n, vocab)."""
+    model = llama_ref.load_model(model_dir)
+    if change is not None:
+        original = model.forward_batch
+        model.forward_batch = lambda *args: change(original, *args)
+    return model
+
+
+@pytest.fixture(scope="module")
+def long_model_dir(tmp_path_factory):
+    """The served model with a 4096-token context: room for a long generation."""
+    directory = make_checkpoint(tmp_path_factory.mktemp("long"), overrides=dict(vocab_size=32000,
+                                                                                  max_position_embeddings=4096))
+    (directory / "tokenizer.model").write_bytes(llama2_tokenizer_model())
+    return directory
+
+
+def test_a_client_that_leaves_stops_its_generation(long_model_dir):
+    """EOS masked and no max_new_tokens: only cancellation ends this generation early."""
+    def without_eos(forward, *args):
+        logits = forward(*args)
+        logits[..., 2] = -np.inf                    # </s>, the checkpoint's and the tokenizer's EOS
+        return logits
+    model = loaded(long_model_dir, without_eos)
+    served = ThreadServer(model)
+    try:
+        body = {"input": "Tell me a long story", "max_new_tokens": None, "stream": True, "seed": 1}
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", f"{served.url}/v1/inference/tiny", json=body) as response:
+                events = 0
+                for line in response.iter_lines():
+                    events += line.startswith("data: ")
+                    if events == 3:
+                        break
+        wait_until(lambda: served.state.engine.in_flight == 0, "the generation did not stop", timeout=300)
+        room = 4096 - len(model.tokenizer.encode(body["input"], bos=True, eos=False))
+        assert 3 <= served.state.engine.generated_tokens < room // 4, (served.state.engine.generated_tokens, room)
+    finally:
+        served.stop()
 
 
 def test_queue_full_is_503_and_queued_clients_get_their_own_answers(model_dir):
-    busy = Server(model_dir, "--max-queue", "8")
+    """The model is held inside the first request's prefill until the queue is seen full."""
+    release = threading.Event()
+
+    def held(forward, *args):
+        assert release.wait(timeout=60)
+        return forward(*args)
+    served = ThreadServer(loaded(model_dir, held), max_queue=2)
     try:
+        def body(i):
+            return {"model": "tiny", "messages": [{"role": "user", "content": f"Count to {i}"}], "max_tokens": 20,
+                    "seed": i}
         results = {}
 
         def ask(i):
-            body = {"model": "tiny", "messages": [{"role": "user", "content": f"Count to {i}"}], "max_tokens": 200,
-                    "seed": i, "stream": True}
-            with httpx.Client(timeout=120) as http:
-                response = http.post(f"{busy.url}/v1/chat/completions", json=body)
-            if response.status_code != 200:
-                results[i] = (response.status_code, response.headers.get("retry-after"))
-                return
-            chunks = [json.loads(line[6:]) for line in response.text.split("\n") if line.startswith("data: {")]
-            results[i] = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(9)]
+            results[i] = httpx.post(f"{served.url}/v1/chat/completions", json=body(i), timeout=120)
+        threads = [threading.Thread(target=ask, args=(i,)) for i in (1, 2)]
         for t in threads:
             t.start()
-            time.sleep(0.02)
+        wait_until(lambda: served.state.engine.in_flight == 2, "two requests were not admitted")
+        refused = httpx.post(f"{served.url}/v1/chat/completions", json=body(3), timeout=30)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "overloaded"
+        release.set()
         for t in threads:
             t.join()
-        refused = [i for i, r in results.items() if isinstance(r, tuple)]
-        assert len(refused) == 1 and results[refused[0]] == (503, "1")
-        for i, text in results.items():
-            if i not in refused:
-                alone = httpx.post(f"{busy.url}/v1/chat/completions", timeout=120, json={
-                    "model": "tiny", "messages": [{"role": "user", "content": f"Count to {i}"}], "max_tokens": 200,
-                    "seed": i}).json()
-                assert text == alone["choices"][0]["message"]["content"]
+        for i in (1, 2):
+            alone = httpx.post(f"{served.url}/v1/chat/completions", json=body(i), timeout=120).json()
+            assert results[i].json()["choices"][0]["message"]["content"] == alone["choices"][0]["message"]["content"]
     finally:
-        busy.stop()
+        release.set()
+        served.stop()
+
+
+def test_a_failure_on_the_server_side_is_counted_and_fails_the_check(model_dir):
+    def broken(forward, *args):
+        raise RuntimeError("a bug in the forward pass")
+    served = ThreadServer(loaded(model_dir, broken))
+    try:
+        body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 4}
+        whole = httpx.post(f"{served.url}/v1/chat/completions", json=body)
+        assert whole.status_code == 500 and whole.json()["error"]["type"] == "server_error"
+        streamed = httpx.post(f"{served.url}/v1/chat/completions", json={**body, "stream": True})
+        last = json.loads(streamed.text.strip().split("\n\n")[-1][len("data: "):])   # the 200 had gone out
+        assert last["error"]["code"] == "internal_error" and "a bug in the forward pass" in last["error"]["message"]
+        native = httpx.post(f"{served.url}/v1/inference/tiny", json={"input": "hi", "stream": True})
+        assert json.loads(native.text.strip()[len("data: "):])["error_type"] == "internal"
+        wait_until(lambda: served.state.server_errors == 3, "the broken streams were not counted")
+        with pytest.raises(AssertionError, match="assert 3 == 0"):
+            no_server_errors(served.url)
+    finally:
+        served.stop(check=False)
+
+
+def test_a_body_over_the_limit_gets_413_at_once(model_dir):
+    served = ThreadServer(llama_ref.load_model(model_dir), max_body_bytes=100_000)
+    try:
+        url = f"{served.url}/v1/chat/completions"
+        big = b'{"model": "tiny", "messages": [{"role": "user", "content": "' + b"x" * 64_000_000 + b'"}]}'
+        started = time.monotonic()
+        declared = httpx.post(url, content=big, headers={"content-type": "application/json"}, timeout=60)
+        chunked = httpx.post(url, content=iter([big[i:i + 65536] for i in range(0, 1_000_000, 65536)]),
+                             headers={"content-type": "application/json"}, timeout=60)
+        assert time.monotonic() - started < 20
+        for response in (declared, chunked):
+            assert response.status_code == 413, response.text
+            error = response.json()["error"]
+            assert error["code"] == "payload_too_large" and "request body: at most 100000 bytes" in error["message"]
+        native = httpx.post(f"{served.url}/v1/inference/tiny", content=big[:200_000], timeout=60)
+        assert native.status_code == 413 and "--max-body-bytes" in native.json()["error"]
+        fits = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 90_000}], "max_tokens": 1}
+        assert httpx.post(url, json=fits, timeout=60).status_code == 400     # read whole: too long for the context
+    finally:
+        served.stop()
+
+
+def test_the_native_stream_builds_its_last_event_from_the_events_alone(model_dir):
+    """The worker thread may still be inside the generation when its last event arrives, so
+    the stream must not ask the generation for its result on the event loop."""
+    generation = llama_ref.load_model(model_dir).generate("hi", llama_ref.SamplingParams(max_new_tokens=5, seed=2))
+    events = list(generation)
+
+    def result():
+        raise AssertionError("generation.result() called by the stream")
+    generation.result = result
+
+    async def replay():
+        for event in events:
+            yield event
+
+    async def collect():
+        return [json.loads(chunk) async for chunk in native_stream(generation, replay())]
+    last = asyncio.run(collect())[-1]
+    assert last["generated_text"] == "".join(e.delta for e in events)
+    assert last["details"]["generated_tokens"] == len(events) == 5
+    assert last["details"]["input_tokens"] == len(generation.prompt_ids)
+
+
+def test_logprob_bytes_are_the_token_s_own():
+    """Llama-2's vocabulary, read by hand: id 229 is the byte piece <0xE2> (ids 3-258 are the
+    bytes 0x00-0xFF), id 2 is </s>."""
+    tokenizer = SentencePieceTokenizer(llama2_tokenizer_model())
+    [paris] = tokenizer.encode_text("Paris")                # "▁Paris": the dummy prefix gives the space
+    assert token_logprob(tokenizer, 229, -1.0) == {"token": "\\xe2", "logprob": -1.0, "bytes": [0xE2]}
+    assert token_logprob(tokenizer, paris, -0.5)["bytes"] == list(b" Paris")
+    assert token_logprob(tokenizer, 2, -2.0) == {"token": "</s>", "logprob": -2.0, "bytes": None}
+
+
+def test_logprob_bytes_join_up_into_the_content(model_dir):
+    """A model made to answer "€ Paris" with the euro sign spelled by three byte pieces
+    (E2 82 AC: Llama-2 ids 3 + byte) must report each piece's own byte."""
+    script = iter([3 + 0xE2, 3 + 0x82, 3 + 0xAC, 3681, 2])             # 3681 is "▁Paris", 2 is </s>
+
+    def scripted(forward, *args):
+        logits = forward(*args)
+        logits[..., next(script)] = 1e4
+        return logits
+    served = ThreadServer(loaded(model_dir, scripted))
+    try:
+        body = {"model": "tiny", "messages": MESSAGES, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+        choice = httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+        tokens = choice["logprobs"]["content"]
+        assert choice["message"]["content"] == "€ Paris"
+        assert [t["bytes"] for t in tokens] == [[0xE2], [0x82], [0xAC], list(b" Paris"), None]
+        assert [t["token"] for t in tokens] == ["\\xe2", "\\x82", "\\xac", " Paris", "</s>"]
+        assert tokens[0]["top_logprobs"][0]["bytes"] == [0xE2]
+    finally:
+        served.stop()
 
 
 @pytest.mark.slow

@@ -22,9 +22,10 @@ def read_vectors(files):
 
 
 def test_llama2_hf_vectors(llama_vocab_files, llama_tokenizers):
-    ours, _, hf = llama_tokenizers
+    ours, library, hf = llama_tokenizers
     for text, expected in read_vectors(llama_vocab_files):
         assert ours.encode(text, bos=False, eos=False) == expected, repr(text)
+        assert library.encode(text) == expected, repr(text)
         assert hf.encode(text, bos=False, eos=False) == expected, repr(text)
 
 
@@ -100,7 +101,7 @@ def has_non_ascii_numeric(text: str) -> bool:
     return any(c.isnumeric() and not c.isascii() for c in text)
 
 
-def test_gguf_bpe_vocabulary_equals_transformers(smollm2_gguf):
+def test_gguf_bpe_vocabulary_equals_transformers(smollm2_gguf, smollm2_hf_fp32):
     r"""SmolLM2's GPT-2 BPE vocabulary against the tokenizer transformers builds from the same GGUF.
 
     One documented difference: for tokenizer.ggml.pre = "smollm" llama.cpp first splits off
@@ -110,7 +111,7 @@ def test_gguf_bpe_vocabulary_equals_transformers(smollm2_gguf):
     ("٢٣", " ¼"; none for ASCII digits), so text holding such characters differs; we follow
     llama.cpp and the model's own tokenizer, and check that rule directly.
     """
-    reference = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    reference = transformers.AutoTokenizer.from_pretrained(str(smollm2_hf_fp32))   # transformers' from the GGUF, saved
     ours = load_gguf_tokenizer(smollm2_gguf)
     assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (1, 2, 49152)
     texts = [t for t in CORPUS if "<|im" not in t and "<s>" not in t and "</s>" not in t]

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 
 from . import native, openai
 from .errors import add_error_handlers, error_response
+from .middleware import BodyLimit, ServerErrors
 from .state import ServerSettings, ServerState
 
 
@@ -26,9 +27,13 @@ def create_app(settings: ServerSettings, model) -> FastAPI:
                                       "invalid_api_key", "authentication_error")
         return await call_next(request)
 
+    app.add_middleware(ServerErrors, state=server)
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)   # outermost: before anything reads
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": settings.served_model_name, "generated_tokens": server.engine.generated_tokens}
+        return {"status": "ok", "model": settings.served_model_name, "generated_tokens": server.engine.generated_tokens,
+                "requests_in_flight": server.engine.in_flight, "server_errors": server.server_errors}
 
     app.include_router(native.router)
     app.include_router(openai.router)

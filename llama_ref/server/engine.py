@@ -22,6 +22,11 @@ class Engine:
         self._lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
 
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet done: running or waiting."""
+        return self._admitted
+
     def admit(self) -> None:
         with self._lock:
             if self._admitted >= self.max_queue:

@@ -15,14 +15,24 @@ class APIError(Exception):
         self.headers = headers
 
 
+def error_body(native: bool, status: int, message: str, param, code, kind="invalid_request_error") -> dict:
+    """OpenAI's error shape, or TGI's for the native route."""
+    if native:
+        return {"error": message, "error_type": "validation" if status < 500 else
+                "overloaded" if status == 503 else "internal"}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 def error_response(request: Request, status: int, message: str, param, code, kind="invalid_request_error",
                    headers=None) -> JSONResponse:
-    """OpenAI's error shape, and TGI's for the native route."""
-    if request.url.path.startswith("/v1/inference"):
-        body = {"error": message, "error_type": "validation" if status < 500 else "overloaded"}
-    else:
-        body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    body = error_body(request.url.path.startswith("/v1/inference"), status, message, param, code, kind)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def internal_error_body(err: Exception, native: bool) -> dict:
+    """A bug of ours, as a 500's body or as the last event of a stream that broke off."""
+    return error_body(native, 500, f"internal error: {type(err).__name__}: {err}", None, "internal_error",
+                      "server_error")
 
 
 async def api_error(request: Request, err: APIError):
@@ -42,7 +52,13 @@ async def engine_error(request: Request, err: LlamaRefError):
     return error_response(request, 400, str(err), err.param, code)
 
 
+async def internal_error(request: Request, err: Exception):
+    """A bug of ours: the API's error shape rather than a bare "Internal Server Error"."""
+    return JSONResponse(internal_error_body(err, request.url.path.startswith("/v1/inference")), status_code=500)
+
+
 def add_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(Exception, internal_error)
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(LlamaRefError, engine_error)

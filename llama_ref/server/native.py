@@ -15,7 +15,7 @@ from sse_starlette.sse import EventSourceResponse
 from ..decoding.chat import encode_native_input
 from ..decoding.generation import Generation
 from ..decoding.params import sampling_params
-from .errors import APIError
+from .errors import APIError, internal_error_body
 from .schemas import NativeRequest
 from .state import ServerState, request_id, server_state
 
@@ -55,17 +55,23 @@ async def native_body(server: ServerState, generation, events, started: float, r
 
 
 async def native_stream(generation, events):
-    """One TGI token event per generated token; the last carries the text and the details."""
-    async for event in events:
-        last = event.finish_reason is not None
-        token = {"id": event.token_id, "text": event.text, "logprob": event.logprob, "special": event.special}
-        details = None
-        if last:
-            result = generation.result()
-            details = {"finish_reason": event.finish_reason, "generated_tokens": result.completion_tokens,
-                       "input_tokens": result.prompt_tokens, "seed": generation.seed}
-        yield json.dumps({"token": token, "generated_text": result.choices[0].text if last else None,
-                          "details": details}, ensure_ascii=False)
+    """One TGI token event per generated token; the last carries the text and the details.
+    Built from the events alone: the worker thread may still be inside the generation when
+    the last event arrives, so its result() must not be asked for here."""
+    text, count = [], 0
+    try:
+        async for event in events:
+            text.append(event.delta)
+            count += 1
+            last = event.finish_reason is not None
+            token = {"id": event.token_id, "text": event.text, "logprob": event.logprob, "special": event.special}
+            details = {"finish_reason": event.finish_reason, "generated_tokens": count,
+                       "input_tokens": len(generation.prompt_ids), "seed": generation.seed} if last else None
+            yield json.dumps({"token": token, "generated_text": "".join(text) if last else None, "details": details},
+                             ensure_ascii=False)
+    except Exception as err:    # after the 200: the last event says what broke, then the error goes on
+        yield json.dumps(internal_error_body(err, native=True))
+        raise
 
 
 async def deliver(server: ServerState, url: str, body) -> None:

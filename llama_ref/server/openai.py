@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends
 from sse_starlette.sse import EventSourceResponse
 
 from ..decoding.params import SamplingParams, sampling_params
-from .errors import APIError
+from .errors import APIError, internal_error_body
 from .schemas import ChatRequest, CompletionRequest, OpenAIRequest
 from .state import ServerState, request_id, server_state
 
@@ -69,16 +69,22 @@ async def openai_response(server: ServerState, body: OpenAIRequest, generation, 
 
 
 async def openai_stream(server: ServerState, generation, events, response, include_usage: bool):
+    """The chunks of a stream; a failure after the 200 went out ends it with an error event
+    (then the exception goes on, to be logged and counted)."""
     head = response.header(response.chunk_object)
     yield json.dumps({**head, "choices": [response.first_delta()]}, ensure_ascii=False)
     finished = False
-    async for event in events:
-        if event.delta or response.logprobs:
-            yield json.dumps({**head, "choices": [response.delta(event)]}, ensure_ascii=False)
-        if event.finish_reason is not None:
-            finished = True
-            yield json.dumps({**head, "choices": [response.finish(event.index, event.finish_reason)]},
-                             ensure_ascii=False)
+    try:
+        async for event in events:
+            if event.delta or response.logprobs:
+                yield json.dumps({**head, "choices": [response.delta(event)]}, ensure_ascii=False)
+            if event.finish_reason is not None:
+                finished = True
+                yield json.dumps({**head, "choices": [response.finish(event.index, event.finish_reason)]},
+                                 ensure_ascii=False)
+    except Exception as err:
+        yield json.dumps(internal_error_body(err, native=False))
+        raise
     if not finished:   # max_tokens = 0: no token, finish "length"
         yield json.dumps({**head, "choices": [response.finish(0, "length")]}, ensure_ascii=False)
     if include_usage:
@@ -87,8 +93,13 @@ async def openai_stream(server: ServerState, generation, events, response, inclu
 
 
 def token_logprob(tokenizer, token_id: int, logprob: float) -> dict:
-    text = tokenizer.decode([token_id]) if tokenizer else ""
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    """`bytes` are the token's own bytes, so a character split across tokens joins up again
+    (decoding one token alone would give U+FFFD); `token` shows bytes that are not whole UTF-8
+    as \\xNN escapes. A control token (EOS) has its piece as `token` and no bytes (null)."""
+    if tokenizer.is_special(token_id):
+        return {"token": tokenizer.id_to_piece(token_id), "logprob": logprob, "bytes": None}
+    raw = tokenizer.token_bytes(token_id)
+    return {"token": raw.decode("utf-8", errors="backslashreplace"), "logprob": logprob, "bytes": list(raw)}
 
 
 @dataclass

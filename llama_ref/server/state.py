@@ -20,6 +20,7 @@ class ServerSettings:
     api_key: str | None = None
     price_per_mtoken: float = 0.0                            # dollars per million tokens, for estimated_cost
     max_queue: int = 8                                       # requests running or waiting
+    max_body_bytes: int = 2_000_000                          # larger request bodies get 413
 
 
 class ServerState:
@@ -29,6 +30,7 @@ class ServerState:
         self.engine = Engine(settings.max_queue)
         self.names = {settings.served_model_name, *settings.aliases}
         self.webhooks: set = set()          # running deliveries, kept referenced until they finish
+        self.server_errors = 0              # requests that failed on our side (middleware.ServerErrors)
 
     def check_model(self, name: str) -> str:
         """The served model's name for a name a request asked for; 404 for any other."""
