@@ -58,7 +58,7 @@ def cases(draw):
     return logits, history, params
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(cases())
 def test_each_stage_equals_the_transformers_processor(case):
     logits, history, params = case
@@ -79,7 +79,7 @@ def test_each_stage_equals_the_transformers_processor(case):
         assert_same_distribution(z, t)
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(cases())
 def test_the_hf_chain_equals_generate_s_processor_list(hf_model, case):
     logits, history, params = case
