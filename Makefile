@@ -13,9 +13,9 @@ BENCH_ARGS ?=
 
 .PHONY: test run generate bench clean
 
-# --no-compile: Python compiles what it imports on first use instead of pip compiling every
-# file of torch and transformers up front (36 s against 12 s for torch alone on 2 cores).
-PIP_INSTALL := $(PY) -m pip install --quiet --no-compile
+# pip byte-compiles what it installs: with PYTHONDONTWRITEBYTECODE set (as on this kind of
+# machine) nothing compiled later is kept, and every process would compile torch again.
+PIP_INSTALL := $(PY) -m pip install --quiet
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
