@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from llama_ref.files import atomic_output
 from llama_ref.tools.assets import cache_home
 
 # gptqmodel on a 2-core CPU: its worker pool needs the count, torch.compile and the C++ packer stay off.
@@ -62,17 +63,11 @@ def smollm2_checkpoint(gguf_file: Path) -> Path:
 
 def derived(name: str, make) -> Path:
     """$LLAMA_REF_HOME/derived/name, made by make(staging directory) the first time and
-    renamed into place whole, so that an interrupted run leaves nothing half-written."""
+    renamed into place whole (llama_ref.files.atomic_output)."""
     target = cache_home() / "derived" / name
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
-    try:
-        make(staging)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if not target.exists():
+        with atomic_output(target, directory=True) as staging:
+            make(staging)
     return target
 
 

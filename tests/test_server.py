@@ -111,7 +111,12 @@ def wait_until(condition, failure: str, timeout: float = 60.0) -> None:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    directory = make_checkpoint(tmp_path_factory.mktemp("served"), overrides=dict(vocab_size=32000))
+    return served_checkpoint(tmp_path_factory.mktemp("served"))
+
+
+def served_checkpoint(directory, **overrides):
+    """A random checkpoint with Llama-2's vocabulary and tokenizer.model."""
+    make_checkpoint(directory, overrides=dict(vocab_size=32000, **overrides))
     (directory / "tokenizer.model").write_bytes(llama2_tokenizer_model())
     return directory
 
@@ -417,10 +422,7 @@ def loaded(model_dir, change=None):
 @pytest.fixture(scope="module")
 def long_model_dir(tmp_path_factory):
     """The served model with a 4096-token context: room for a long generation."""
-    directory = make_checkpoint(tmp_path_factory.mktemp("long"), overrides=dict(vocab_size=32000,
-                                                                                  max_position_embeddings=4096))
-    (directory / "tokenizer.model").write_bytes(llama2_tokenizer_model())
-    return directory
+    return served_checkpoint(tmp_path_factory.mktemp("long"), max_position_embeddings=4096)
 
 
 def test_a_client_that_leaves_stops_its_generation(long_model_dir):

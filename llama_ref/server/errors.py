@@ -1,5 +1,7 @@
 """Errors as the APIs return them: OpenAI's `{"error": {message, type, param, code}}`, and TGI's
 `{"error", "error_type"}` on the native route. Every error names the field at fault."""
+import json
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -23,9 +25,14 @@ def error_body(native: bool, status: int, message: str, param, code, kind="inval
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def is_native(path: str) -> bool:
+    """The provider's native route answers in TGI's shapes; every other route in OpenAI's."""
+    return path.startswith("/v1/inference")
+
+
 def error_response(request: Request, status: int, message: str, param, code, kind="invalid_request_error",
                    headers=None) -> JSONResponse:
-    body = error_body(request.url.path.startswith("/v1/inference"), status, message, param, code, kind)
+    body = error_body(is_native(request.url.path), status, message, param, code, kind)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -33,6 +40,17 @@ def internal_error_body(err: Exception, native: bool) -> dict:
     """A bug of ours, as a 500's body or as the last event of a stream that broke off."""
     return error_body(native, 500, f"internal error: {type(err).__name__}: {err}", None, "internal_error",
                       "server_error")
+
+
+async def ending_with_error(chunks, native: bool):
+    """The chunks of a stream; a failure after the 200 went out ends the stream with an error
+    event, then the exception goes on (to be logged and counted by middleware.ServerErrors)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as err:
+        yield json.dumps(internal_error_body(err, native))
+        raise
 
 
 async def api_error(request: Request, err: APIError):
@@ -54,7 +72,7 @@ async def engine_error(request: Request, err: LlamaRefError):
 
 async def internal_error(request: Request, err: Exception):
     """A bug of ours: the API's error shape rather than a bare "Internal Server Error"."""
-    return JSONResponse(internal_error_body(err, request.url.path.startswith("/v1/inference")), status_code=500)
+    return JSONResponse(internal_error_body(err, is_native(request.url.path)), status_code=500)
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -12,6 +12,8 @@ import json
 
 from starlette.datastructures import Headers
 
+from .errors import error_body, is_native
+
 
 class BodyLimit:
     def __init__(self, app, max_body_bytes: int):
@@ -29,35 +31,31 @@ class BodyLimit:
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
-            if message["type"] != "http.request":
-                return await self.app(scope, replay([], message, receive), send)
+            if message["type"] != "http.request":       # the client left while sending
+                return await self.app(scope, replay(message, receive), send)
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.max_body_bytes:
                 return await self.refuse(scope, send, "more than that was sent")
-        await self.app(scope, replay(chunks, None, receive), send)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, replay(body, receive), send)
 
     async def refuse(self, scope, send, what: str):
         message = f"request body: at most {self.max_body_bytes} bytes are accepted (--max-body-bytes); {what}"
-        if scope["path"].startswith("/v1/inference"):
-            body = {"error": message, "error_type": "validation"}
-        else:
-            body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                              "code": "payload_too_large"}}
-        payload = json.dumps(body).encode()
+        payload = json.dumps(error_body(is_native(scope["path"]), 413, message, None, "payload_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
                                 (b"content-length", str(len(payload)).encode())]})
         await send({"type": "http.response.body", "body": payload})
 
 
-def replay(chunks: list[bytes], pending, receive):
-    """A receive() that gives the body already read as one message, then defers to `receive`."""
-    queue = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}] if pending is None else [pending]
+def replay(first: dict, receive):
+    """A receive() that gives `first` (the message already read), then defers to `receive`."""
+    queue = [first]
 
     async def replayed():
-        return queue.pop(0) if queue else await receive()
+        return queue.pop() if queue else await receive()
     return replayed
 
 

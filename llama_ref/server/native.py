@@ -15,7 +15,7 @@ from sse_starlette.sse import EventSourceResponse
 from ..decoding.chat import encode_native_input
 from ..decoding.generation import Generation
 from ..decoding.params import sampling_params
-from .errors import APIError, internal_error_body
+from .errors import APIError, ending_with_error
 from .schemas import NativeRequest
 from .state import ServerState, request_id, server_state
 
@@ -34,7 +34,7 @@ async def native(model_name: str, body: NativeRequest, server: ServerState = Dep
     generation = Generation(model, encode_native_input(model.tokenizer, body.input), params)
     events, started, rid = server.admitted(generation), time.perf_counter(), request_id()
     if body.stream:
-        return EventSourceResponse(native_stream(generation, events), sep="\n")
+        return EventSourceResponse(ending_with_error(native_stream(generation, events), native=True), sep="\n")
     if body.webhook:
         finished = native_body(server, generation, events, started, rid)
         server.webhooks.add(asyncio.create_task(deliver(server, body.webhook, finished)))
@@ -59,19 +59,15 @@ async def native_stream(generation, events):
     Built from the events alone: the worker thread may still be inside the generation when
     the last event arrives, so its result() must not be asked for here."""
     text, count = [], 0
-    try:
-        async for event in events:
-            text.append(event.delta)
-            count += 1
-            last = event.finish_reason is not None
-            token = {"id": event.token_id, "text": event.text, "logprob": event.logprob, "special": event.special}
-            details = {"finish_reason": event.finish_reason, "generated_tokens": count,
-                       "input_tokens": len(generation.prompt_ids), "seed": generation.seed} if last else None
-            yield json.dumps({"token": token, "generated_text": "".join(text) if last else None, "details": details},
-                             ensure_ascii=False)
-    except Exception as err:    # after the 200: the last event says what broke, then the error goes on
-        yield json.dumps(internal_error_body(err, native=True))
-        raise
+    async for event in events:
+        text.append(event.delta)
+        count += 1
+        last = event.finish_reason is not None
+        token = {"id": event.token_id, "text": event.text, "logprob": event.logprob, "special": event.special}
+        details = {"finish_reason": event.finish_reason, "generated_tokens": count,
+                   "input_tokens": len(generation.prompt_ids), "seed": generation.seed} if last else None
+        yield json.dumps({"token": token, "generated_text": "".join(text) if last else None, "details": details},
+                         ensure_ascii=False)
 
 
 async def deliver(server: ServerState, url: str, body) -> None:

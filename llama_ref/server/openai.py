@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends
 from sse_starlette.sse import EventSourceResponse
 
 from ..decoding.params import SamplingParams, sampling_params
-from .errors import APIError, internal_error_body
+from .errors import APIError, ending_with_error
 from .schemas import ChatRequest, CompletionRequest, OpenAIRequest
 from .state import ServerState, request_id, server_state
 
@@ -60,7 +60,8 @@ async def openai_response(server: ServerState, body: OpenAIRequest, generation, 
     events = server.admitted(generation)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(openai_stream(server, generation, events, response, include_usage), sep="\n")
+        return EventSourceResponse(ending_with_error(openai_stream(server, generation, events, response, include_usage),
+                                                     native=False), sep="\n")
     async for _ in events:
         pass
     result = generation.result()
@@ -69,22 +70,16 @@ async def openai_response(server: ServerState, body: OpenAIRequest, generation, 
 
 
 async def openai_stream(server: ServerState, generation, events, response, include_usage: bool):
-    """The chunks of a stream; a failure after the 200 went out ends it with an error event
-    (then the exception goes on, to be logged and counted)."""
     head = response.header(response.chunk_object)
     yield json.dumps({**head, "choices": [response.first_delta()]}, ensure_ascii=False)
     finished = False
-    try:
-        async for event in events:
-            if event.delta or response.logprobs:
-                yield json.dumps({**head, "choices": [response.delta(event)]}, ensure_ascii=False)
-            if event.finish_reason is not None:
-                finished = True
-                yield json.dumps({**head, "choices": [response.finish(event.index, event.finish_reason)]},
-                                 ensure_ascii=False)
-    except Exception as err:
-        yield json.dumps(internal_error_body(err, native=False))
-        raise
+    async for event in events:
+        if event.delta or response.logprobs:
+            yield json.dumps({**head, "choices": [response.delta(event)]}, ensure_ascii=False)
+        if event.finish_reason is not None:
+            finished = True
+            yield json.dumps({**head, "choices": [response.finish(event.index, event.finish_reason)]},
+                             ensure_ascii=False)
     if not finished:   # max_tokens = 0: no token, finish "length"
         yield json.dumps({**head, "choices": [response.finish(0, "length")]}, ensure_ascii=False)
     if include_usage:
