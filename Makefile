@@ -11,7 +11,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test run generate bench clean
+.PHONY: test run generate bench peers clean
 
 # pip byte-compiles what it installs: with PYTHONDONTWRITEBYTECODE set (as on this kind of
 # machine) nothing compiled later is kept, and every process would compile torch again.
@@ -44,6 +44,11 @@ generate: $(STAMP)
 bench: $(STAMP)
 	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install llama-cpp-python==0.3.36
 	$(VENV)/bin/llama-ref bench $(BENCH_ARGS)
+
+# The conformance kit's peers (docs/conformance.md): llama.cpp's llama-server built with cmake
+# and llama-cpp-python's server in a venv of its own, once, under $LLAMA_REF_HOME/peers.
+peers: $(STAMP)
+	$(PY) -m llama_ref.conform.peers
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

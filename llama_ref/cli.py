@@ -178,6 +178,67 @@ def cmd_explain(args) -> None:
         print(f"[plot saved to {plot_trace(trace, args.png, model.tokenizer)}]", file=sys.stderr)
 
 
+def cmd_conform(args) -> int:
+    """Run the checks against a server; the exit status is 1 when one fails (with --strict,
+    also when one diverges), as a CI step expects. `conform export DIR` writes test vectors."""
+    from . import conform
+    if args.samples < 10:
+        raise LlamaRefError(f"--samples: at least 10 per sampling setting, got {args.samples}", "samples")
+    if args.action == "export":
+        if not args.directory:
+            raise LlamaRefError("conform export: give the directory to write the vectors to", "directory")
+        vectors, _ = conform.vectors.export(args.model, Path(args.directory), args.samples, args.seed)
+        print(f"{len(vectors['answers'])} answers of the oracle to {Path(args.directory) / conform.vectors.FILE}; "
+              f"llama-ref's own server: {vectors['checks']}")
+        return 0
+    checks = args.checks.split(",") if args.checks else None
+    unknown = [c for c in checks or [] if c not in conform.CHECKS]
+    if unknown:
+        raise LlamaRefError(f"--checks: unknown {', '.join(unknown)}; known: {', '.join(conform.CHECKS)}", "checks")
+    if bool(args.base_url) == bool(args.start_peer):
+        raise LlamaRefError("give either --base-url or --start-peer", "base_url")
+    header = {"server": args.base_url, "served model": args.served_model, "oracle model": args.model,
+              "dialect": args.dialect, "strict": args.strict, "samples per setting": args.samples}
+    if args.vectors:
+        oracle, recorded = conform.vectors.load(Path(args.vectors))
+        args.samples, args.seed = recorded["samples"], recorded["seed"]
+        header.update({"oracle model": f"{recorded['model']} (vectors {args.vectors}, llama-ref {recorded['llama_ref']})",
+                       "samples per setting": args.samples})
+    else:
+        model = load_model(args.model)
+        oracle = conform.Oracle(model)
+    peer = None
+    if args.start_peer:
+        gguf = default_model() if args.model == "default" else Path(args.model)
+        if gguf.suffix != ".gguf" or args.vectors:
+            raise LlamaRefError(f"--model {args.model}: a peer serves a .gguf file; give one (or 'default')", "model")
+        peer, args.base_url, argv = conform.peers.start(args.start_peer, gguf, model.config.context_length)
+        header.update(server=f"{args.start_peer} ({conform.peers.LLAMA_CPP_PYTHON})",
+                      command=" ".join(argv), dialect="llama.cpp")
+        args.dialect = "llama.cpp"
+    try:
+        target = conform.Target(args.base_url, args.served_model, args.api_key, args.dialect)
+        kit = conform.Kit(target, oracle, samples=args.samples, tie_margin=args.tie_margin, seed=args.seed)
+        started = time.monotonic()
+        results = conform.run(kit, checks, progress=not args.quiet)
+    finally:
+        if peer is not None:
+            peer.terminate()
+            peer.wait(timeout=30)
+    header.update(requests=target.requests, seconds=round(time.monotonic() - started, 1))
+    home = str(Path.home())   # reports get shared: this machine's home directory is not part of them
+    if args.report:
+        Path(args.report).write_text(conform.markdown(results, header).replace(home, "~"))
+    if args.json:
+        Path(args.json).write_text(conform.to_json(results, header).replace(home, "~"))
+    for r in results:
+        print(f"{r.check:14} {r.verdict:9} {r.summary}")
+    failed = [r.check for r in results if r.failed(args.strict)]
+    print(f"{len(results) - len(failed)} of {len(results)} checks pass" + (f"; failed: {', '.join(failed)}" if failed else "")
+          + (" (divergences count as failures: --strict)" if args.strict else ""))
+    return 1 if failed else 0
+
+
 SERVE_BANNER = """serving {model} as '{name}' on {url}
 
   curl {url}/v1/openai/chat/completions -H 'Content-Type: application/json' \\
@@ -308,6 +369,34 @@ def main(argv=None) -> int:
     ppl.add_argument("--stride", type=int, help="tokens the window advances (default: --ctx, no overlap)")
     ppl.add_argument("--max-tokens", type=int, help="only the first N tokens of the text")
     ppl.set_defaults(run=cmd_perplexity)
+    conf = commands.add_parser(
+        "conform", help="check an OpenAI-compatible server against the reference semantics (docs/conformance.md)",
+        description="Example: llama-ref conform --base-url http://127.0.0.1:8080 --model default --report report.md\n"
+                    "The server must serve the same weights as --model, which is loaded here as the oracle.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    conf.add_argument("action", nargs="?", choices=["export"],
+                      help="export DIR: write the checks' test vectors (the oracle's answers) to DIR")
+    conf.add_argument("directory", nargs="?", help="where export writes vectors.json")
+    conf.add_argument("--base-url", help="the server's URL (with or without /v1)")
+    conf.add_argument("--vectors", help="a directory written by `conform export`: its answers replace the model")
+    conf.add_argument("--seed", type=int, default=1234, help="the first seed of the sampled requests")
+    conf.add_argument("--start-peer", choices=["llama-server", "llama-cpp-python"],
+                      help="build (once) and start this peer on --model's GGUF instead of --base-url")
+    conf.add_argument("--model", default="default", help="the same weights, for the oracle: HF directory, .gguf or 'default'")
+    conf.add_argument("--served-model", default="default", help="the model name to send in requests")
+    conf.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    conf.add_argument("--dialect", default="openai", choices=["openai", "llama.cpp"],
+                      help="parameter spellings: llama.cpp's servers say repeat_penalty")
+    conf.add_argument("--checks", help="a comma-separated subset: tokenization,greedy,logprobs,sampling,penalties,"
+                                       "stop,streaming,seeds,limits,json_mode")
+    conf.add_argument("--samples", type=int, default=200, help="requests per sampling setting")
+    conf.add_argument("--tie-margin", type=float, default=0.05,
+                      help="nats: a greedy divergence where the oracle's top two are closer is not counted")
+    conf.add_argument("--strict", action="store_true", help="divergences that match a documented engine fail too")
+    conf.add_argument("--report", help="write the Markdown report here")
+    conf.add_argument("--json", help="write the results as JSON here")
+    conf.add_argument("--quiet", action="store_true", help="no progress bar")
+    conf.set_defaults(run=cmd_conform)
     speed = commands.add_parser(
         "bench", help="decode/prefill speed, load time and peak RSS beside llama.cpp on the same shapes",
         description="Example: llama-ref bench --runs 3  (a 13B-shaped GPTQ and Q4_0 pair, and the default model)")
@@ -319,7 +408,7 @@ def main(argv=None) -> int:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        status = args.run(args)
     except KeyboardInterrupt:
         print("llama-ref: interrupted", file=sys.stderr)
         return 130
@@ -329,7 +418,7 @@ def main(argv=None) -> int:
         print(f"llama-ref: error: {err}", file=sys.stderr)
         # A bad model or file is 1; a bad flag or parameter is 2, as argparse's own errors.
         return 1 if isinstance(err, (CheckpointError, ConfigError, TokenizerError, AssetError, InputFileError)) else 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

