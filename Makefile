@@ -29,8 +29,10 @@ $(STAMP): pyproject.toml
 	$(PIP_INSTALL) --no-deps -c $(VENV)/constraints.txt gptqmodel==7.7.0
 	touch $(STAMP)
 
+# pytest's own script, not `python -m pytest`: that would put the checkout on sys.path, where
+# kernels/ shadows the `kernels` distribution that transformers (>= 5.25) looks for and imports.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 run: $(STAMP)
 	$(VENV)/bin/llama-ref fetch default
