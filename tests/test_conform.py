@@ -5,6 +5,9 @@ is caught by the check that owns the rule it breaks.
 A mutation changes the server only: it acts on the server's generation thread (or in code
 only the server runs), so the kit's oracle, in the same process, keeps the reference semantics.
 """
+import json
+import subprocess
+import sys
 import threading
 from dataclasses import replace
 
@@ -195,3 +198,29 @@ def test_vectors_name_a_question_they_cannot_answer(exported):
     oracle, _ = conform.vectors.load(exported[0])
     with pytest.raises(conform.vectors.VectorsError, match="no answer to completion_ids"):
         oracle.completion_ids("a prompt no check sends")
+
+
+def conform_cli(url, path, cwd, *args):
+    return subprocess.run([sys.executable, "-m", "llama_ref.cli", "conform", "--base-url", url, "--model", str(path),
+                           "--served-model", "tiny", "--quiet", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd)
+
+
+def test_the_command_line_reports_and_sets_the_exit_status(models, tmp_path, monkeypatch):
+    """`llama-ref conform` writes the report and the JSON, exits 0 when the checks pass and 1
+    when one fails, and refuses an unknown check by name."""
+    path, _ = models["plain"]
+    server = ThreadServer(llama_ref.load_model(path))
+    try:
+        ok = conform_cli(server.url, path, tmp_path, "--checks", "tokenization,limits", "--report", "r.md",
+                         "--json", "r.json")
+        assert ok.returncode == 0, ok.stderr
+        assert [r["verdict"] for r in json.loads((tmp_path / "r.json").read_text())["results"]] == ["pass", "pass"]
+        assert "| [limits](#limits) |" in (tmp_path / "r.md").read_text()
+        bad = conform_cli(server.url, path, tmp_path, "--checks", "tokenization,nonsense")
+        assert bad.returncode == 2 and "--checks: unknown nonsense" in bad.stderr
+        monkeypatch.setattr(state.ServerState, "usage", usage_off_by_one(state.ServerState.usage))
+        failed = conform_cli(server.url, path, tmp_path, "--checks", "tokenization")
+        assert failed.returncode == 1 and "failed: tokenization" in failed.stdout
+    finally:
+        server.stop(check=False)

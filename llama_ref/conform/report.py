@@ -2,7 +2,6 @@
 import json
 from dataclasses import asdict, dataclass, field
 
-VERDICTS = ("pass", "diverges", "fail", "skipped")
 SEVERITY = {"pass": 0, "skipped": 0, "diverges": 1, "fail": 2}
 
 
