@@ -1,9 +1,9 @@
 """Numba kernels, each with a plain-NumPy twin. They know nothing about Llama."""
 import os
 
-from .dense import matmul, matmul_numpy, widen_numpy
+from .dense import SMALL_BATCH, matmul, matmul_numpy, widen_numpy
 
-__all__ = ["configure_threads", "matmul", "matmul_numpy", "widen_numpy"]
+__all__ = ["SMALL_BATCH", "configure_threads", "matmul", "matmul_numpy", "widen_numpy"]
 
 # Numba's OpenMP workers spin after each parallel loop (GNU's default: 300,000 rounds) before
 # they sleep. Prefill alternates a parallel tile loop with BLAS, whose own threads then share

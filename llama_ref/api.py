@@ -16,7 +16,7 @@ from .errors import ContextLengthError, LlamaRefError
 from .formats.gguf_file import load_gguf
 from .formats.hf import load_hf
 from .kernels import configure_threads
-from .nn.transformer import KVCache, Weights, forward
+from .nn.transformer import Chunk, KVCache, Weights, forward
 from .tools.assets import default_model
 
 # rows x hidden size from which prefill gives BLAS every core: 128 tokens of a 2048-wide model
@@ -30,10 +30,11 @@ class TokensError(LlamaRefError, ValueError):
 class Model:
     """A loaded model: the public face of the engine (see README, "Python API")."""
 
-    def __init__(self, config: ModelConfig, weights: Weights, tokenizer=None):
+    def __init__(self, config: ModelConfig, weights: Weights, tokenizer=None, stored_bytes: int = 0):
         self.config = config
         self.weights = weights
         self.tokenizer = tokenizer
+        self.stored_bytes = stored_bytes      # the checkpoint's size on disk: what its weights take in memory
         self._threadpools = ThreadpoolController()
 
     def new_cache(self, max_seq_len: int | None = None) -> KVCache:
@@ -70,27 +71,34 @@ class Model:
 
     def forward(self, tokens, start_pos: int, cache: KVCache) -> np.ndarray:
         """Logits (len(tokens), vocab_size) float32 for tokens at positions start_pos.. ."""
-        return self.forward_batch(np.asarray(tokens, dtype=np.int64).reshape(1, -1), start_pos, [cache])[0]
+        return self.forward_chunks([Chunk(np.asarray(tokens, dtype=np.int64).reshape(-1), start_pos, cache)])[0]
 
     def forward_batch(self, tokens, start_pos: int, caches: list[KVCache]) -> np.ndarray:
         """Logits (b, n, vocab_size) float32 for b sequences of n tokens each, all at positions
-        start_pos.., one cache per sequence (n = 2 choices decoding side by side)."""
+        start_pos.., one cache per sequence."""
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.ndim != 2 or len(caches) != ids.shape[0]:
             raise TokensError(f"tokens: expected (batch, n) ids and one cache per row, got shape {ids.shape} "
                               f"and {len(caches)} caches", "tokens")
-        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
-        if bad.size:
-            raise TokensError(f"tokens: id {int(bad[0])} is outside the vocabulary 0..{self.config.vocab_size - 1}",
-                              "tokens")
+        return np.stack(self.forward_chunks([Chunk(row, start_pos, cache) for row, cache in zip(ids, caches)]))
+
+    def forward_chunks(self, chunks: list[Chunk]) -> list[np.ndarray]:
+        """Logits [(n_j, vocab_size) float32] for chunks of different sequences, each at its own
+        positions with its own cache, in one pass (nn/transformer.forward)."""
+        for chunk in chunks:
+            bad = chunk.tokens[(chunk.tokens < 0) | (chunk.tokens >= self.config.vocab_size)]
+            if bad.size:
+                raise TokensError(f"tokens: id {int(bad[0])} is outside the vocabulary "
+                                  f"0..{self.config.vocab_size - 1}", "tokens")
         # The Numba kernels already use every core, and OpenBLAS threads, which keep spinning
         # after each call, would fight them for the same cores: BLAS runs single-threaded,
         # except for a prefill big enough that BLAS on the dequantized tiles dominates (measured
         # with 128 tokens and kernels/__init__.py's shorter spin: 13B shape 2.0 -> 2.3 tokens/s
         # with every core for BLAS, SmolLM2's 576-wide layers 165 -> 85).
-        big = ids.size * self.config.hidden_size >= PARALLEL_BLAS_WORK
+        rows = sum(len(chunk.tokens) for chunk in chunks)
+        big = rows * self.config.hidden_size >= PARALLEL_BLAS_WORK
         with self._threadpools.limit(limits=numba.get_num_threads() if big else 1, user_api="blas"):
-            return forward(self.config, self.weights, ids, start_pos, caches)
+            return forward(self.config, self.weights, chunks)
 
 
 def load_model(path: str | Path) -> Model:
@@ -102,5 +110,5 @@ def load_model(path: str | Path) -> Model:
         path = default_model()
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        return Model(*load_gguf(path))
-    return Model(*load_hf(path))
+        return Model(*load_gguf(path), stored_bytes=path.stat().st_size)
+    return Model(*load_hf(path), stored_bytes=sum(f.stat().st_size for f in path.glob("*.safetensors")))

@@ -158,6 +158,22 @@ def cmd_perplexity(args) -> None:
                       **asdict(result)}))
 
 
+def cmd_bench_serve(args) -> None:
+    from .tools.serve_bench import Workload, compare, format_comparison
+    for flag, value in [("--requests", args.requests), ("--concurrency", args.concurrency)]:
+        if value < 1:
+            raise LlamaRefError(f"{flag}: must be at least 1, got {value}")
+    if args.rate is not None and args.rate <= 0:
+        raise LlamaRefError(f"--rate: must be positive, got {args.rate}")
+    workload = Workload(args.requests, None if args.rate else args.concurrency, args.rate, args.seed)
+    targets = args.start or [args.base_url]
+    summaries = compare(targets, args.model, args.served_model, workload, args.single, args.api_key,
+                        log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_comparison(summaries))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summaries, indent=2) + "\n")
+
+
 def cmd_bench(args) -> None:
     report = bench(args.runs, args.threads, args.layers, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_report(report))
@@ -261,16 +277,19 @@ def cmd_serve(args) -> None:
         if not name or target != args.served_model_name:
             raise LlamaRefError(f"--alias {alias!r}: expected ALIAS={args.served_model_name} (the served model)")
         aliases[name] = target
-    if args.max_queue < 1:
-        raise LlamaRefError(f"--max-queue: must be at least 1, got {args.max_queue}")
+    for flag, value, least in [("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+                               ("--kv-cache-gb", args.kv_cache_gb, 0.001), ("--prefix-cache-mb", args.prefix_cache_mb, 0)]:
+        if value is not None and value < least:
+            raise LlamaRefError(f"{flag}: must be at least {least}, got {value}")
     if args.max_body_bytes < 1:
         raise LlamaRefError(f"--max-body-bytes: must be at least 1, got {args.max_body_bytes}")
     model = load_model(args.model)
     if model.tokenizer is None:
         raise LlamaRefError(f"--model {args.model}: serving needs a tokenizer (tokenizer.model or tokenizer.json)")
     settings = ServerSettings(served_model_name=args.served_model_name, aliases=aliases,
-                              api_key=args.api_key, price_per_mtoken=args.price_per_mtoken, max_queue=args.max_queue,
-                              max_body_bytes=args.max_body_bytes)
+                              api_key=args.api_key, price_per_mtoken=args.price_per_mtoken, max_batch=args.max_batch,
+                              max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                              kv_cache_gb=args.kv_cache_gb, prefix_cache_mb=args.prefix_cache_mb)
     print(SERVE_BANNER.format(model=args.model, name=args.served_model_name, url=f"http://{args.host}:{args.port}"),
           file=sys.stderr, flush=True)
     uvicorn.run(create_app(settings, model), host=args.host, port=args.port, log_level="warning")
@@ -341,7 +360,16 @@ def main(argv=None) -> int:
     serve.add_argument("--alias", action="append", default=[], help="another name, ALIAS=SERVED_NAME (repeatable)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     serve.add_argument("--price-per-mtoken", type=float, default=0.0, help="dollars per million tokens (usage cost)")
-    serve.add_argument("--max-queue", type=int, default=8, help="requests running or waiting before 503")
+    serve.add_argument("--max-batch", type=int, default=8,
+                       help="sequences decoded together (a request with n choices is n of them)")
+    serve.add_argument("--max-queue", type=int, default=8,
+                       help="requests waiting for a place in the batch (running ones do not count); the next gets 503")
+    serve.add_argument("--kv-cache-gb", type=float, default=None,
+                       help="KV cache budget; each request reserves n x (prompt + max_tokens) positions when it "
+                            "starts (default: memory left after the weights, less 2 GB)")
+    serve.add_argument("--prefix-cache-mb", type=float, default=2048,
+                       help="finished requests' caches kept for prompts that start the same way (inside "
+                            "--kv-cache-gb; 0 turns prefix reuse off)")
     serve.add_argument("--max-body-bytes", type=int, default=2_000_000, help="larger request bodies get 413")
     serve.set_defaults(run=cmd_serve)
     quant = commands.add_parser(
@@ -405,6 +433,30 @@ def main(argv=None) -> int:
     speed.add_argument("--layers", type=int, help="only the first N layers of the 13B shape (a quick check)")
     speed.add_argument("--json", help="also write the full report to this file")
     speed.set_defaults(run=cmd_bench)
+    serving = speed.add_subparsers(dest="what").add_parser(
+        "serve", help="many streaming clients against an OpenAI-compatible server (ours or a peer)",
+        description="Examples:\n  llama-ref bench serve --start ours --start llama-server --concurrency 8\n"
+                    "  llama-ref bench serve --base-url http://127.0.0.1:8000 --served-model default --rate 2\n"
+                    "The workload (seeded prompts of 12-384 words, 32-256 output tokens forced with ignore_eos) "
+                    "is the same for every server; see docs/benchmarks.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = serving.add_mutually_exclusive_group(required=True)
+    target.add_argument("--base-url", help="measure the server at this URL")
+    target.add_argument("--start", action="append", choices=["ours", "llama-server"],
+                        help="start this server on --model, measure it, stop it (repeatable: one after the other)")
+    serving.add_argument("--model", default="default", help="what --start serves: a .gguf file (both servers), "
+                         "an HF directory (ours) or 'default'")
+    serving.add_argument("--served-model", default="default", help="the model name sent with --base-url")
+    serving.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    serving.add_argument("--requests", type=int, default=64)
+    serving.add_argument("--concurrency", type=int, default=8, help="clients, each sending its next request "
+                         "when its last one ends (also the started servers' batch size)")
+    serving.add_argument("--rate", type=float, help="Poisson arrivals per second instead of --concurrency clients")
+    serving.add_argument("--single", type=int, default=0, help="also run this many requests one at a time, for "
+                         "the single-stream speed in the same run")
+    serving.add_argument("--seed", type=int, default=0, help="the workload's seed")
+    serving.add_argument("--json", help="also write the summaries to this file")
+    serving.set_defaults(run=cmd_bench_serve)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     try:

@@ -2,7 +2,7 @@
 --strict, and each of a dozen deliberately wrong servers (our app with one semantic change)
 is caught by the check that owns the rule it breaks.
 
-A mutation changes the server only: it acts on the server's generation thread (or in code
+A mutation changes the server only: it acts on the server's scheduler thread (or in code
 only the server runs), so the kit's oracle, in the same process, keeps the reference semantics.
 """
 import json
@@ -51,9 +51,9 @@ def run_kit(model, checks=None) -> dict:
 
 
 def on_server(wrong, right):
-    """`wrong` on the server's generation thread, `right` everywhere else (the oracle)."""
+    """`wrong` on the server's scheduler thread, `right` everywhere else (the oracle)."""
     def choose(*args, **kwargs):
-        chosen = wrong if threading.current_thread().name.startswith("generation") else right
+        chosen = wrong if threading.current_thread().name == "scheduler" else right
         return chosen(*args, **kwargs)
     return choose
 

@@ -53,19 +53,16 @@ class ScriptedModel:
         self.tokenizer = tokenizer
         self.script = list(script)
         self.config = SimpleNamespace(vocab_size=tokenizer.vocab_size, eos_token_ids=(EOS_ID,),
-                                      context_length=context_length)
+                                      context_length=context_length, rope_scaling=None)
 
     def new_cache(self, max_seq_len=None):
         return SimpleNamespace(generated=0, copy=lambda: SimpleNamespace(generated=0))
 
-    def forward(self, tokens, start_pos, cache):
-        return self.forward_batch([tokens], start_pos, [cache])[0]
-
-    def forward_batch(self, tokens, start_pos, caches):
-        rows = np.zeros((len(caches), len(tokens[0]), self.config.vocab_size), dtype=np.float32)
-        for b, cache in enumerate(caches):
-            rows[b, -1, self.script[cache.generated]] = 10.0
-            cache.generated += 1
+    def forward_chunks(self, chunks):
+        rows = [np.zeros((len(chunk.tokens), self.config.vocab_size), dtype=np.float32) for chunk in chunks]
+        for logits, chunk in zip(rows, chunks):
+            logits[-1, self.script[chunk.cache.generated]] = 10.0
+            chunk.cache.generated += 1
         return rows
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import llama_ref
-from llama_ref.nn.transformer import forward
+from llama_ref.nn.transformer import Chunk, forward
 from conftest import CASES, SMALL, load_reference, relative_error
 
 # Past max_position_embeddings dynamic NTK depends on the length of each forward call, in
@@ -87,7 +87,7 @@ def test_rope_scaling_changes_the_logits(checkpoint, prompt):
     for name in ["rope_linear", "rope_dynamic", "rope_llama3"]:
         model = llama_ref.load_model(checkpoint(name))
         unscaled = replace(model.config, rope_scaling=None, max_position_embeddings=256)
-        ours = forward(unscaled, model.weights, np.asarray(prompt)[None], 0, [model.new_cache()])[0]
+        ours = forward(unscaled, model.weights, [Chunk(np.asarray(prompt), 0, model.new_cache())])[0]
         assert relative_error(ours, reference_logits(checkpoint(name), prompt)) > 1e-3, name
 
 

@@ -391,12 +391,12 @@ def test_api_key(model_dir):
 
 
 def loaded(model_dir, change=None):
-    """A fresh Model of the served checkpoint whose forward_batch (which forward calls too) is
-    wrapped: change(original, *args) -> logits (b, n, vocab)."""
+    """A fresh Model of the served checkpoint whose forward_chunks (which every forward pass
+    goes through) is wrapped: change(original, chunks) -> [logits (n, vocab) per chunk]."""
     model = llama_ref.load_model(model_dir)
     if change is not None:
-        original = model.forward_batch
-        model.forward_batch = lambda *args: change(original, *args)
+        original = model.forward_chunks
+        model.forward_chunks = lambda *args: change(original, *args)
     return model
 
 
@@ -410,7 +410,8 @@ def test_a_client_that_leaves_stops_its_generation(long_model_dir):
     """EOS masked and no max_new_tokens: only cancellation ends this generation early."""
     def without_eos(forward, *args):
         logits = forward(*args)
-        logits[..., 2] = -np.inf                    # </s>, the checkpoint's and the tokenizer's EOS
+        for rows in logits:
+            rows[:, 2] = -np.inf                    # </s>, the checkpoint's and the tokenizer's EOS
         return logits
     model = loaded(long_model_dir, without_eos)
     served = ThreadServer(model)
@@ -431,13 +432,13 @@ def test_a_client_that_leaves_stops_its_generation(long_model_dir):
 
 
 def test_queue_full_is_503_and_queued_clients_get_their_own_answers(model_dir):
-    """The model is held inside the first request's prefill until the queue is seen full."""
+    """One request runs (held inside its prefill), one waits, the third is refused."""
     release = threading.Event()
 
     def held(forward, *args):
         assert release.wait(timeout=60)
         return forward(*args)
-    served = ThreadServer(loaded(model_dir, held), max_queue=2)
+    served = ThreadServer(loaded(model_dir, held), max_batch=1, max_queue=1)
     try:
         def body(i):
             return {"model": "tiny", "messages": [{"role": "user", "content": f"Count to {i}"}], "max_tokens": 20,
@@ -544,8 +545,9 @@ def test_logprob_bytes_join_up_into_the_content(model_dir):
     script = iter([3 + 0xE2, 3 + 0x82, 3 + 0xAC, 3681, 2])             # 3681 is "▁Paris", 2 is </s>
 
     def scripted(forward, *args):
-        logits = forward(*args)
-        logits[..., next(script)] = 1e4
+        logits, token = forward(*args), next(script)
+        for rows in logits:
+            rows[:, token] = 1e4
         return logits
     served = ThreadServer(loaded(model_dir, scripted))
     try:

@@ -79,22 +79,29 @@ def llama_cpp_python(progress: bool = False) -> Path:
     return venv / "bin" / "python"
 
 
-def command(name: str, gguf: Path, port: int, context: int) -> list[str]:
-    """How the peer is started: its defaults, except the context: llama-server's two slots
-    (so that n = 2 is served) each hold the model's whole context."""
+def command(name: str, gguf: Path, port: int, context: int, parallel: int = 2) -> list[str]:
+    """How the peer is started: its defaults, except the context: each of llama-server's
+    `parallel` slots (two, so that n = 2 is served) holds `context` positions."""
     if name == "llama-server":
         return [str(llama_server()), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                "-c", str(2 * context), "-np", "2"]
+                "-c", str(parallel * context), "-np", str(parallel)]
     if name == "llama-cpp-python":
         return [str(llama_cpp_python()), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
                 "--port", str(port), "--n_ctx", str(context)]
     raise ValueError(f"peer must be one of {', '.join(PEERS)}; got {name!r}")
 
 
-def start(name: str, gguf: Path, context: int, timeout: float = 300.0) -> tuple[subprocess.Popen, str, list[str]]:
+def start(name: str, gguf: Path, context: int, timeout: float = 300.0,
+          parallel: int = 2) -> tuple[subprocess.Popen, str, list[str]]:
     """(process, base URL, command) of the peer serving `gguf`, once its /v1/models answers."""
     port = free_port()
-    argv = command(name, gguf, port, context)
+    argv = command(name, gguf, port, context, parallel)
+    return (*launch(name, argv, port, timeout), argv)
+
+
+def launch(name: str, argv: list[str], port: int, timeout: float = 300.0) -> tuple[subprocess.Popen, str]:
+    """(process, base URL) of a server started with argv on 127.0.0.1:port, once its
+    /v1/models answers; its output goes to name.log in the peers' directory."""
     log = open(peers_home() / f"{name}.log", "w")
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -104,7 +111,7 @@ def start(name: str, gguf: Path, context: int, timeout: float = 300.0) -> tuple[
             raise AssetError(f"{name} exited with {process.returncode}; see {log.name}")
         try:
             if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
-                return process, url, argv
+                return process, url
         except httpx.HTTPError:
             pass
         time.sleep(0.5)

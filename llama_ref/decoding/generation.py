@@ -3,13 +3,21 @@
 `Generation` is both the stream and the result: iterating it yields one `TokenEvent` per
 generated token, and `result()` folds those same events into a `Completion`, so a streamed
 and a non-streamed request run the same code and get the same text. With n = 2 the prompt
-is prefilled once, its cache copied, and the two responses decode as one batch; response i
+is prefilled once, its cache copied, and the two responses decode side by side; response i
 samples with seed + i, so response 0 equals the n = 1 run with the same seed (N1).
+
+A Generation does not run the model itself: it says which chunks it needs next (`chunks`)
+and takes their logits (`take`). A decoding.batch.Batch runs those chunks, alone when the
+generation is iterated, or together with other requests' in the server.
 """
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..errors import ContextLengthError
 from ..tokenizer import IncrementalDetokenizer
+from ..nn.transformer import Chunk
+from .batch import Batch
 from .constrained import JSONObjectConstraint
 from .params import SamplingParams, SamplingParamsError
 from .sampling import Sampler
@@ -72,11 +80,15 @@ class Response:
         self.max_new_tokens = max_new_tokens
         self.constraint = JSONObjectConstraint(self.tokenizer, model.config.vocab_size, self.eos_ids) \
             if params.response_format == "json_object" else None
+        self.ignore_eos = params.ignore_eos
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
 
     def step(self, logits) -> TokenEvent:
         """Steps 2-15 for one row of logits (vocab,)."""
+        if self.ignore_eos:               # the end-of-sequence ids are not candidates (spec: ignore_eos)
+            logits = logits.copy()
+            logits[list(self.eos_ids)] = -np.inf
         if self.constraint is not None:   # JSON mode: only tokens that keep the text a JSON object
             logits = self.constraint.apply(logits, self.max_new_tokens - len(self.token_ids))
         sample = self.sampler.sample(logits)
@@ -104,7 +116,7 @@ class Response:
 
 
 class Generation:
-    """Iterate for the events; `result()` for the folded completion (it reads whatever the
+    """Iterate for the events; `result()` for the folded completion (it runs whatever the
     iteration has not)."""
 
     def __init__(self, model, prompt_ids, params: SamplingParams, trace: bool = False):
@@ -127,16 +139,68 @@ class Generation:
         self.responses = [Response(i, model, self.prompt_ids, params, self.max_new_tokens, trace)
                           for i in range(params.n)]
         self.events: list[TokenEvent] = []
-        self._stream = self._run()
+        self.caches: list = []          # response i's KV cache (one, the prompt's, until it is prefilled)
+        self.prefilled = 0              # prompt positions held by the cache
+        self.cancelled = False
+        self._stepping: list[Response] = []
 
     @property
     def seed(self) -> int | None:
         return self.responses[0].sampler.seed
 
+    @property
+    def cache_length(self) -> int:
+        """Positions a response's cache needs: the prompt and every token but the last."""
+        return len(self.prompt_ids) + self.max_new_tokens
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt_ids)
+
+    @property
+    def done(self) -> bool:
+        return self.cancelled or self.max_new_tokens == 0 or all(r.finish_reason for r in self.responses)
+
+    def reuse(self, cache, positions: int) -> None:
+        """Start from a cache whose first `positions` (fewer than the prompt's) already hold
+        the prompt's keys and values (decoding/prefix.py)."""
+        self.caches, self.prefilled = [cache], positions
+
+    def chunks(self, chunk_size: int | None) -> list[Chunk]:
+        """What the next forward pass must run for this generation: the prompt's next
+        chunk_size tokens (all of them when None) while prefilling, else the last token of
+        every response still going."""
+        if self.done:
+            return []
+        if not self.caches:
+            self.caches = [self.model.new_cache(self.cache_length)]
+        prompt = self.prompt_ids
+        if self.prefilling:
+            stop = len(prompt) if chunk_size is None else min(len(prompt), self.prefilled + chunk_size)
+            return [Chunk(np.asarray(prompt[self.prefilled:stop], dtype=np.int64), self.prefilled, self.caches[0])]
+        self._stepping = [r for r in self.responses if r.finish_reason is None]
+        return [Chunk(np.asarray(r.token_ids[-1:], dtype=np.int64), len(prompt) + len(r.token_ids) - 1,
+                      self.caches[r.index]) for r in self._stepping]
+
+    def take(self, logits: list[np.ndarray]) -> list[TokenEvent]:
+        """The logits (n, vocab) of the chunks() just run, one array per chunk. Returns the
+        tokens they produced (none while the prompt is still being prefilled)."""
+        if self.prefilling:
+            self.prefilled += len(logits[0])
+            if self.prefilling:
+                return []
+            self.caches += [self.caches[0].copy() for _ in self.responses[1:]]
+            self._stepping = list(self.responses)
+            logits = [logits[0][-1:]] * len(self.responses)
+        events = [response.step(rows[-1]) for response, rows in zip(self._stepping, logits)]
+        self.events.extend(events)
+        return events
+
     def __iter__(self):
-        for event in self._stream:
-            self.events.append(event)
-            yield event
+        batch = Batch(self.model)
+        batch.add(self)
+        while not self.done:
+            yield from batch.step().get(self, [])
 
     def result(self) -> Completion:
         for _ in self:
@@ -147,22 +211,3 @@ class Generation:
             choices.append(Choice(response.index, "".join(e.delta for e in tokens), response.finish_reason or LENGTH,
                                   tokens, self.seed))
         return Completion(tuple(self.prompt_ids), tuple(choices))
-
-    def _run(self):
-        if self.max_new_tokens == 0:
-            return
-        prompt = self.prompt_ids
-        cache = self.model.new_cache(len(prompt) + self.max_new_tokens)
-        last = self.model.forward(prompt, 0, cache)[-1]                  # (vocab,)
-        caches = [cache] + [cache.copy() for _ in self.responses[1:]]
-        rows = [last] * len(self.responses)
-        active, position = list(range(len(self.responses))), len(prompt)
-        while True:
-            for i, row in zip(active, rows):
-                yield self.responses[i].step(row)
-            active = [i for i in active if self.responses[i].finish_reason is None]
-            if not active:
-                return
-            tokens = [[self.responses[i].token_ids[-1]] for i in active]  # (b, 1)
-            rows = self.model.forward_batch(tokens, position, [caches[i] for i in active])[:, -1]  # (b, vocab)
-            position += 1

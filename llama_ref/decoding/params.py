@@ -80,6 +80,7 @@ class SamplingParams:
     top_logprobs: int = RULES["top_logprobs"].default
     profile: str = "reference"
     response_format: str = "text"     # "text" | "json_object" (constrained decoding, constrained.py)
+    ignore_eos: bool = False          # never sample end-of-sequence (benchmarks: an exact output length)
 
     def __post_init__(self):
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
@@ -89,6 +90,9 @@ class SamplingParams:
         check_choice("profile", self.profile, PROFILES)
         check_choice("response_format", self.response_format, RESPONSE_FORMATS)
         check_profile(self)
+        if self.ignore_eos and self.response_format != "text":
+            raise SamplingParamsError("ignore_eos: JSON mode ends a response with end-of-sequence, so the two "
+                                      "cannot be combined", "ignore_eos")
 
     @property
     def greedy(self) -> bool:

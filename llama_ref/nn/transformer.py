@@ -3,6 +3,9 @@
 Checked against HuggingFace transformers' LlamaForCausalLM (float32, CPU): same logits
 within 1e-4 relative, same greedy tokens (tests/test_model_vs_transformers.py).
 
+One pass runs chunks of several sequences, each at its own positions with its own cache
+(decoding/batch.py steps many requests at once this way).
+
 Names follow Meta's reference model.py (wq wk wv wo, w1 w2 w3, attention_norm, ffn_norm);
 formats/hf.py and formats/gguf_file.py map the checkpoints' names onto them. Invariant
 throughout: row i of a chunk is the token at absolute position start_pos + i.
@@ -71,14 +74,23 @@ class KVCache:
         self.v[layer, :, start_pos:end] = v.transpose(1, 0, 2)
         return self.k[layer, :, :end], self.v[layer, :, :end]
 
-    def copy(self) -> "KVCache":
-        """A second cache holding the same positions (n = 2 choices share the prompt's prefill)."""
+    def copy(self, positions: int | None = None, max_seq_len: int | None = None) -> "KVCache":
+        """A second cache holding the first `positions` positions of this one (default: all
+        it holds), with room for max_seq_len (default: the same). n = 2 choices share the
+        prompt's prefill this way, and a request reuses a cached prompt prefix."""
+        positions = self.length if positions is None else positions
         twin = KVCache.__new__(KVCache)
-        twin.k, twin.v = np.zeros(self.k.shape, np.float32), np.zeros(self.v.shape, np.float32)
-        twin.k[:, :, :self.length] = self.k[:, :, :self.length]
-        twin.v[:, :, :self.length] = self.v[:, :, :self.length]
-        twin.max_seq_len, twin.length = self.max_seq_len, self.length
+        shape = self.k.shape[:2] + (max_seq_len or self.max_seq_len,) + self.k.shape[3:]
+        twin.k, twin.v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        twin.k[:, :, :positions] = self.k[:, :, :positions]
+        twin.v[:, :, :positions] = self.v[:, :, :positions]
+        twin.max_seq_len, twin.length = shape[2], positions
         return twin
+
+
+def kv_bytes_per_token(config: ModelConfig) -> int:
+    """What one position of one sequence's KVCache holds: keys and values of every layer, float32."""
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
 
 
 class LayerHooks(Protocol):
@@ -137,46 +149,60 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np
     return out.transpose(2, 0, 1, 3).reshape(n, n_heads * d)
 
 
-def cached_attention(caches: list["KVCache"], layer_index: int, start_pos: int) -> Callable:
-    """attend() for sequences that extend their KV caches: each sequence's new keys and values
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens of one sequence at positions start_pos .. start_pos + len(tokens) - 1, read
+    against and written into that sequence's cache."""
+    tokens: np.ndarray   # (n,) int64
+    start_pos: int
+    cache: KVCache
+
+
+def spans(lengths: tuple[int, ...]):
+    """(first row, last row + 1) of each sequence in rows stacked sequence by sequence."""
+    ends = np.cumsum(lengths)
+    return zip(ends - lengths, ends)
+
+
+def cached_attention(chunks: list[Chunk], layer_index: int) -> Callable:
+    """attend() for chunks that extend their KV caches: each chunk's new keys and values
     join its cache, and its queries read everything the cache then holds."""
-    def attend(q, k, v):
-        return np.concatenate([attention(q[j], *caches[j].update(layer_index, start_pos, k[j], v[j]), start_pos)
-                               for j in range(len(caches))])
+    def attend(q, k, v, lengths):
+        return np.concatenate([
+            attention(q[a:b], *chunk.cache.update(layer_index, chunk.start_pos, k[a:b], v[a:b]), chunk.start_pos)
+            for chunk, (a, b) in zip(chunks, spans(lengths))])
     return attend
 
 
-def self_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+def self_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: tuple[int, ...]) -> np.ndarray:
     """attend() for whole sequences without a cache (quantizer calibration): each sequence's
     queries read its own keys and values, from position 0."""
-    return np.concatenate([attention(q[j], k[j].transpose(1, 0, 2), v[j].transpose(1, 0, 2), 0)
-                           for j in range(len(q))])
+    return np.concatenate([attention(q[a:b], k[a:b].transpose(1, 0, 2), v[a:b].transpose(1, 0, 2), 0)
+                           for a, b in spans(lengths)])
 
 
-def mixed_values(config: ModelConfig, layer: Layer, h: np.ndarray, batch: int, cos: np.ndarray, sin: np.ndarray,
-                 attend: Callable, hooks: LayerHooks | None) -> np.ndarray:
-    """The attention's input to wo: q, k, v of h (batch * n, hidden), rotated, mixed by
-    attend.  Returns (batch * n, n_heads * head_dim)."""
-    n = h.shape[0] // batch
+def mixed_values(config: ModelConfig, layer: Layer, h: np.ndarray, lengths: tuple[int, ...], cos: np.ndarray,
+                 sin: np.ndarray, attend: Callable, hooks: LayerHooks | None) -> np.ndarray:
+    """The attention's input to wo: q, k, v of h (rows, hidden), rotated, mixed by attend.
+    Returns (rows, n_heads * head_dim)."""
+    rows = h.shape[0]
     n_heads, n_kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q, k, v = linears(layer, ("wq", "wk", "wv"), h, hooks)
-    q = apply_rope(q.reshape(batch, n, n_heads, d), cos, sin)           # (batch, n, n_heads, d)
-    k = apply_rope(k.reshape(batch, n, n_kv_heads, d), cos, sin)        # (batch, n, n_kv_heads, d)
-    v = v.reshape(batch, n, n_kv_heads, d)                              # (batch, n, n_kv_heads, d)
-    return attend(q, k, v)
+    q = apply_rope(q.reshape(rows, n_heads, d), cos, sin)               # (rows, n_heads, d)
+    k = apply_rope(k.reshape(rows, n_kv_heads, d), cos, sin)            # (rows, n_kv_heads, d)
+    return attend(q, k, v.reshape(rows, n_kv_heads, d), lengths)
 
 
-def decoder_layer(config: ModelConfig, layer: Layer, x: np.ndarray, batch: int, cos: np.ndarray, sin: np.ndarray,
-                  attend: Callable, hooks: LayerHooks | None = None) -> np.ndarray:
-    """One decoder layer on `batch` sequences of n tokens each: x + attention, then + the
-    feed-forward.  x (batch * n, hidden), sequence by sequence; cos, sin (n, head_dim) for
-    the chunk's positions, or (batch, n, head_dim) for sequences at positions of their own;
-    attend(q, k, v) mixes each sequence's values: q (batch, n, n_heads, d), k, v (batch, n,
-    n_kv_heads, d) -> (batch * n, n_heads * d). Arrays that a later step does not read are
-    freed before it runs: quantizing a layer of a 7B model holds several GB at its widest.
-    Returns (batch * n, hidden)."""
-    mixed = mixed_values(config, layer, rms_norm(x, layer.attention_norm, config.rms_norm_eps), batch, cos, sin,
-                         attend, hooks)                                 # (batch * n, n_heads * d)
+def decoder_layer(config: ModelConfig, layer: Layer, x: np.ndarray, lengths: tuple[int, ...], cos: np.ndarray,
+                  sin: np.ndarray, attend: Callable, hooks: LayerHooks | None = None) -> np.ndarray:
+    """One decoder layer on sequences of lengths[j] tokens each: x + attention, then + the
+    feed-forward.  x (rows, hidden), sequence by sequence; cos, sin (rows, head_dim), each
+    row's angles for its own position; attend(q, k, v, lengths) mixes each sequence's values:
+    q (rows, n_heads, d), k, v (rows, n_kv_heads, d) -> (rows, n_heads * d). Arrays that a
+    later step does not read are freed before it runs: quantizing a layer of a 7B model holds
+    several GB at its widest.  Returns (rows, hidden)."""
+    mixed = mixed_values(config, layer, rms_norm(x, layer.attention_norm, config.rms_norm_eps), lengths, cos, sin,
+                         attend, hooks)                                 # (rows, n_heads * d)
     x = x + linears(layer, ("wo",), mixed, hooks)[0]
     return x + feed_forward(rms_norm(x, layer.ffn_norm, config.rms_norm_eps), layer, hooks)
 
@@ -187,24 +213,31 @@ def embed(tokens: np.ndarray, table) -> np.ndarray:
     return table.rows(tokens)
 
 
-def forward(config: ModelConfig, weights: Weights, tokens: np.ndarray, start_pos: int,
-            caches: list[KVCache]) -> np.ndarray:
-    """Logits for a batch of sequences, each a chunk of n tokens at positions start_pos ..
-    start_pos + n - 1, reading and extending its own cache.  The matrix products see all
-    b * n rows at once, so a batch reads each weight once.  tokens (b, n) int.
-    Returns (b, n, vocab_size) float32."""
-    b, n = tokens.shape
+def chunk_rope(config: ModelConfig, start_pos: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (n, head_dim) of a chunk ending at position start_pos + n - 1, with the
+    frequencies for that length (rope.py: dynamic NTK depends on it)."""
     end = start_pos + n
-    for cache in caches:
-        check_positions(config, cache, n, start_pos)
-    cos, sin = rope_cos_sin(np.arange(start_pos, end), rope_inv_freq(config, seq_len=end))  # (n, d)
-    x = embed(tokens.reshape(-1), weights.tok_embeddings)               # (b * n, hidden)
+    return rope_cos_sin(np.arange(start_pos, end), rope_inv_freq(config, seq_len=end))
+
+
+def forward(config: ModelConfig, weights: Weights, chunks: list[Chunk]) -> list[np.ndarray]:
+    """Logits of each chunk, every chunk its own sequence at its own positions, reading and
+    extending its own cache.  The matrix products see the rows of every chunk at once, so
+    the step reads each weight once; a row's result depends only on its own chunk as long
+    as the kernels' row-parallel path runs (at most kernels.SMALL_BATCH rows in all).
+    Returns [(len(chunk.tokens), vocab_size) float32 for each chunk]."""
+    for chunk in chunks:
+        check_positions(config, chunk.cache, len(chunk.tokens), chunk.start_pos)
+    lengths = tuple(len(chunk.tokens) for chunk in chunks)
+    angles = [chunk_rope(config, chunk.start_pos, len(chunk.tokens)) for chunk in chunks]
+    cos, sin = np.concatenate([c for c, _ in angles]), np.concatenate([s for _, s in angles])  # (rows, d)
+    x = embed(np.concatenate([chunk.tokens for chunk in chunks]), weights.tok_embeddings)     # (rows, hidden)
     for i, layer in enumerate(weights.layers):
-        x = decoder_layer(config, layer, x, b, cos, sin, cached_attention(caches, i, start_pos))
-    for cache in caches:
-        cache.length = end
-    logits = weights.output(rms_norm(x, weights.norm, config.rms_norm_eps))  # (b * n, vocab)
-    return logits.reshape(b, n, -1)
+        x = decoder_layer(config, layer, x, lengths, cos, sin, cached_attention(chunks, i))
+    for chunk in chunks:
+        chunk.cache.length = chunk.start_pos + len(chunk.tokens)
+    logits = weights.output(rms_norm(x, weights.norm, config.rms_norm_eps))  # (rows, vocab)
+    return [logits[a:b] for a, b in spans(lengths)]
 
 
 def check_positions(config: ModelConfig, cache: KVCache, n: int, start_pos: int) -> None:

@@ -6,6 +6,8 @@ Each request is validated (pydantic, then SamplingParams and the chat format), t
 Generation, and run by the Engine off the event loop; streamed and non-streamed responses
 read the same events (docs/spec/sampling.md step 13).
 """
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI, Request
 
 from . import native, openai
@@ -15,7 +17,13 @@ from .state import ServerSettings, ServerState
 
 
 def create_app(settings: ServerSettings, model) -> FastAPI:
-    app = FastAPI(title="llama-ref", description="Native and OpenAI-compatible APIs of a reference engine")
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        server.engine.close()
+
+    app = FastAPI(title="llama-ref", description="Native and OpenAI-compatible APIs of a reference engine",
+                  lifespan=lifespan)
     app.state.server = server = ServerState(settings, model)
     add_error_handlers(app)
 
@@ -33,7 +41,8 @@ def create_app(settings: ServerSettings, model) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": settings.served_model_name, "generated_tokens": server.engine.generated_tokens,
-                "requests_in_flight": server.engine.in_flight, "server_errors": server.server_errors}
+                "requests_in_flight": server.engine.in_flight, "requests_waiting": len(server.engine.waiting),
+                "running_sequences": server.engine.running_sequences, "server_errors": server.server_errors}
 
     app.include_router(native.router)
     app.include_router(openai.router)

@@ -53,6 +53,8 @@ class Sampling(BaseModel):
     stop: str | list[str] = Field(default_factory=list, description=f"at most {MAX_STOP_STRINGS} stop strings")
     seed: int | None = sampling_field("seed")
     response_format: ResponseFormat = Field(default_factory=ResponseFormat)
+    ignore_eos: bool = Field(False, description="never end on end-of-sequence (an extension, as vLLM's and "
+                             "llama.cpp's): the response runs to max_tokens, a stop string or the context")
 
 
 class NativeRequest(Sampling):

@@ -3,14 +3,17 @@
 `create_app` makes one `ServerState` and keeps it in `app.state.server`; a route asks for it
 with `Depends(server_state)`. Nothing lives at module level.
 """
+import os
 import secrets
 from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from ..decoding.generation import Generation
-from .engine import Busy, Engine
+from .engine import GB, Busy, Engine
 from .errors import APIError
+
+RESERVED_MEMORY = 2 * GB    # left to the OS, the Python heap and the activations
 
 
 @dataclass(frozen=True)
@@ -19,15 +22,37 @@ class ServerSettings:
     aliases: dict[str, str] = field(default_factory=dict)   # alias -> served model name
     api_key: str | None = None
     price_per_mtoken: float = 0.0                            # dollars per million tokens, for estimated_cost
-    max_queue: int = 8                                       # requests running or waiting
+    max_batch: int = 8                                       # sequences decoded together
+    max_queue: int = 8                                       # requests waiting for a place in the batch
     max_body_bytes: int = 2_000_000                          # larger request bodies get 413
+    kv_cache_gb: float | None = None                         # None: the memory left after the weights, less 2 GB
+    prefix_cache_mb: float = 2048                            # kept prompt prefixes, inside kv_cache_gb
+
+
+def physical_memory() -> int:
+    """Bytes of memory this process may use: the machine's, or its cgroup's limit if lower."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit:
+            text = limit.read().strip()
+        return min(total, int(text)) if text.isdigit() else total
+    except OSError:
+        return total
+
+
+def kv_cache_bytes(settings: ServerSettings, model) -> int:
+    """The KV budget: as set, else what fits beside the weights leaving RESERVED_MEMORY (at least 1 GB)."""
+    if settings.kv_cache_gb is not None:
+        return int(settings.kv_cache_gb * GB)
+    return max(GB, physical_memory() - model.stored_bytes - RESERVED_MEMORY)
 
 
 class ServerState:
     def __init__(self, settings: ServerSettings, model):
         self.settings = settings
         self.model = model
-        self.engine = Engine(settings.max_queue)
+        self.engine = Engine(model, settings.max_batch, settings.max_queue, kv_cache_bytes(settings, model),
+                             int(settings.prefix_cache_mb * (1 << 20)))
         self.names = {settings.served_model_name, *settings.aliases}
         self.webhooks: set = set()          # running deliveries, kept referenced until they finish
         self.server_errors = 0              # requests that failed on our side (middleware.ServerErrors)
@@ -45,13 +70,14 @@ class ServerState:
                 "total_tokens": total, "estimated_cost": total * self.settings.price_per_mtoken / 1e6}
 
     def admitted(self, generation: Generation):
-        """The generation's events, run by the engine; a 503 when its queue is full."""
+        """The generation's events, run by the engine; a 503 when its queue is full (and a
+        400, engine.TooLarge, when its worst case can never fit in the KV budget)."""
         try:
-            self.engine.admit()
+            ticket = self.engine.admit(generation)
         except Busy as err:
             raise APIError(503, f"the server is busy: {err}; retry shortly", None, "overloaded", "server_error",
                            {"Retry-After": "1"}) from None
-        return self.engine.events(generation)
+        return self.engine.events(ticket)
 
 
 def server_state(request: Request) -> ServerState:

@@ -26,8 +26,7 @@ from ..formats.hf import LAYER_NAMES
 from ..formats.safetensors import StoredTensor, release_pages, write_safetensors
 from ..kernels.gptq import pack_columns
 from ..nn.linear import DenseLinear, Linear
-from ..nn.rope import rope_cos_sin, rope_inv_freq
-from ..nn.transformer import decoder_layer, embed, self_attention
+from ..nn.transformer import chunk_rope, decoder_layer, embed, self_attention
 from .gptq import Hessian, QuantizedWeight, QuantizeError, QuantizeSettings, gptq, hessian_of, round_to_nearest
 
 # public domain; provenance in its first line
@@ -113,12 +112,12 @@ def quantize_model(model: Model, windows: np.ndarray | None, settings: QuantizeS
     with tqdm(total=len(layers) * len(LINEARS), unit="linear", disable=not progress, desc="quantize") as bar:
         if settings.method == "gptq":
             samples, seq_len = windows.shape
-            cos, sin = rope_cos_sin(np.arange(seq_len), rope_inv_freq(config, seq_len=seq_len))   # (seq_len, d)
+            cos, sin = (np.tile(angles, (samples, 1)) for angles in chunk_rope(config, 0, seq_len))  # (rows, d)
             x = embed(windows.reshape(-1), model.weights.tok_embeddings)                   # (samples * seq_len, hidden)
         for i, layer in enumerate(layers):
             quantizer = LayerQuantizer(f"model.layers.{i}.", settings, bar)
             if settings.method == "gptq":
-                x = decoder_layer(config, layer, x, samples, cos, sin, self_attention, quantizer)
+                x = decoder_layer(config, layer, x, (seq_len,) * samples, cos, sin, self_attention, quantizer)
             else:
                 for name in LINEARS:
                     quantizer.replace(name, getattr(layer, name))
