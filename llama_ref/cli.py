@@ -255,8 +255,7 @@ def cmd_conform(args) -> int:
     return 1 if failed else 0
 
 
-SERVE_BANNER = """serving {model} as '{name}' on {url}
-
+SERVE_EXAMPLE = """
   curl {url}/v1/openai/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
 
@@ -267,15 +266,31 @@ SERVE_BANNER = """serving {model} as '{name}' on {url}
 """
 
 
+def served_models(entries: list[str], served_model_name: str) -> dict[str, str]:
+    """{served name: path} from --model values: NAME=PATH, or a bare PATH served as
+    --served-model-name."""
+    paths = {}
+    for entry in entries or ["default"]:
+        name, sep, path = entry.partition("=")
+        name, path = (name, path) if sep else (served_model_name, entry)
+        if not name or not path:
+            raise LlamaRefError(f"--model {entry!r}: expected PATH or NAME=PATH")
+        if name in paths:
+            raise LlamaRefError(f"--model {entry!r}: the name {name!r} is served twice")
+        paths[name] = path
+    return paths
+
+
 def cmd_serve(args) -> None:
     import uvicorn
 
     from .server import ServerSettings, create_app
+    paths = served_models(args.model, args.served_model_name)
     aliases = {}
     for alias in args.alias:
         name, _, target = alias.partition("=")
-        if not name or target != args.served_model_name:
-            raise LlamaRefError(f"--alias {alias!r}: expected ALIAS={args.served_model_name} (the served model)")
+        if not name or target not in paths:
+            raise LlamaRefError(f"--alias {alias!r}: expected ALIAS=SERVED_NAME, SERVED_NAME one of {', '.join(paths)}")
         aliases[name] = target
     for flag, value, least in [("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
                                ("--kv-cache-gb", args.kv_cache_gb, 0.001), ("--prefix-cache-mb", args.prefix_cache_mb, 0)]:
@@ -283,16 +298,19 @@ def cmd_serve(args) -> None:
             raise LlamaRefError(f"{flag}: must be at least {least}, got {value}")
     if args.max_body_bytes < 1:
         raise LlamaRefError(f"--max-body-bytes: must be at least 1, got {args.max_body_bytes}")
-    model = load_model(args.model)
-    if model.tokenizer is None:
-        raise LlamaRefError(f"--model {args.model}: serving needs a tokenizer (tokenizer.model or tokenizer.json)")
-    settings = ServerSettings(served_model_name=args.served_model_name, aliases=aliases,
-                              api_key=args.api_key, price_per_mtoken=args.price_per_mtoken, max_batch=args.max_batch,
-                              max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+    models = {}
+    for name, path in paths.items():
+        models[name] = load_model(path)
+        if models[name].tokenizer is None:
+            raise LlamaRefError(f"--model {path}: serving needs a tokenizer (tokenizer.model or tokenizer.json)")
+    settings = ServerSettings(aliases=aliases, api_key=args.api_key, price_per_mtoken=args.price_per_mtoken,
+                              max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                               kv_cache_gb=args.kv_cache_gb, prefix_cache_mb=args.prefix_cache_mb)
-    print(SERVE_BANNER.format(model=args.model, name=args.served_model_name, url=f"http://{args.host}:{args.port}"),
-          file=sys.stderr, flush=True)
-    uvicorn.run(create_app(settings, model), host=args.host, port=args.port, log_level="warning")
+    url = f"http://{args.host}:{args.port}"
+    for name, path in paths.items():
+        print(f"serving {path} as '{name}' on {url}", file=sys.stderr)
+    print(SERVE_EXAMPLE.format(name=next(iter(paths)), url=url), file=sys.stderr, flush=True)
+    uvicorn.run(create_app(settings, models), host=args.host, port=args.port, log_level="warning")
 
 
 def add_prompt_arguments(parser) -> None:
@@ -353,10 +371,13 @@ def main(argv=None) -> int:
     fetch.set_defaults(run=cmd_fetch)
     serve = commands.add_parser("serve", help="the native and OpenAI-compatible HTTP APIs",
                                 description="Serve a model over HTTP. Example: llama-ref serve --model default --port 8000")
-    serve.add_argument("--model", default="default", help="HF directory, .gguf file, or 'default'")
+    serve.add_argument("--model", action="append", help="HF directory, .gguf file, or 'default' (the default); "
+                       "NAME=PATH serves PATH as NAME, and several --model serve several models, each batched on "
+                       "its own, a request going to the one its 'model' field names")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", default="default", help="the name clients ask for")
+    serve.add_argument("--served-model-name", default="default", help="the name clients ask for (a --model "
+                       "given without NAME=)")
     serve.add_argument("--alias", action="append", default=[], help="another name, ALIAS=SERVED_NAME (repeatable)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     serve.add_argument("--price-per-mtoken", type=float, default=0.0, help="dollars per million tokens (usage cost)")

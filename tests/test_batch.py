@@ -4,6 +4,7 @@ prefix never changes an answer. Each request is compared with the same request r
 through Model.generate."""
 import json
 import random
+import shutil
 import threading
 import time
 
@@ -18,7 +19,8 @@ from llama_ref.decoding.params import sampling_params
 from llama_ref.kernels import SMALL_BATCH
 from llama_ref.nn.transformer import Chunk
 from llama_ref.tools.serve_bench import Workload, serve_bench, workload_requests
-from test_server import ThreadServer, loaded, served_checkpoint
+from conftest import make_checkpoint
+from test_server import Server, ThreadServer, loaded, served_checkpoint
 
 WORDS = "the a cat sat on mat and then it ran far away from home to see what was there".split()
 
@@ -164,7 +166,7 @@ def test_a_hundred_concurrent_requests_through_the_server_equal_their_runs_alone
             thread.start()
         for thread in threads:
             thread.join()
-        assert served.state.engine.in_flight == 0
+        assert served.state.engines["tiny"].in_flight == 0
     finally:
         served.stop()
     assert max(widths) >= 6, "the server never decoded requests side by side"
@@ -186,7 +188,7 @@ def test_a_chat_reuses_its_earlier_turns_and_answers_as_a_cold_run_bit_for_bit(m
     """Each turn re-sends the conversation; the whole prefill chunks of the turn before are
     reused (decoding/prefix.py), and the answer is the cold run's exactly."""
     served = ThreadServer(llama_ref.load_model(model_dir))
-    engine = served.state.engine
+    engine = served.state.engines["tiny"]
     system = " ".join(WORDS[i % len(WORDS)] for i in range(300))
     messages = [{"role": "system", "content": system}]
     previous_prompt, reuses = 0, []
@@ -230,8 +232,8 @@ def test_the_kv_budget_makes_requests_wait_and_refuses_one_that_can_never_fit(mo
             thread.start()
         peak = 0
         while any(thread.is_alive() for thread in threads):
-            peak = max(peak, served.state.engine.running_sequences)
-            assert served.state.engine.reserved <= budget_gb * (1 << 30)
+            peak = max(peak, served.state.engines["tiny"].running_sequences)
+            assert served.state.engines["tiny"].reserved <= budget_gb * (1 << 30)
             time.sleep(0.002)
         for thread in threads:
             thread.join()
@@ -297,3 +299,37 @@ def test_bench_serve_on_the_command_line_prints_the_table_and_writes_json(model_
     summary = json.loads((tmp_path / "serve.json").read_text())[served.url]
     assert summary["requests"] == 3 and summary["workload"]["concurrency"] == 2
     assert main(["bench", "serve", "--base-url", served.url, "--requests", "0"]) == 2
+
+
+def test_several_models_in_one_server_answer_each_as_alone(model_dir, model, tmp_path):
+    """`serve --model PATH --model other=PATH2`: requests go to the model their `model` field
+    names (or an alias of it), each model batched by its own engine."""
+    other_dir = tmp_path / "other"
+    make_checkpoint(other_dir, overrides=dict(vocab_size=32000, num_hidden_layers=1), seed=3)
+    shutil.copy(model_dir / "tokenizer.model", other_dir)
+    other = llama_ref.load_model(other_dir)
+    running = Server(model_dir, "--model", f"other={other_dir}", "--alias", "second=other")
+    try:
+        names = [m["id"] for m in httpx.get(f"{running.url}/v1/models").json()["data"]]
+        assert names == ["default", "other", "second", "tiny"]
+        assert httpx.get(f"{running.url}/health").json()["models"] == ["other", "tiny"]
+        asked = [("tiny", model), ("other", other), ("second", other)] * 2
+        answers = {}
+
+        def ask(i, name):
+            body = {"model": name, "prompt": f"the cat {i}", "max_tokens": 16, "temperature": 0.9, "seed": i}
+            answers[i] = httpx.post(f"{running.url}/v1/completions", json=body, timeout=120).json()
+        threads = [threading.Thread(target=ask, args=(i, name)) for i, (name, _) in enumerate(asked)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for i, (name, expected) in enumerate(asked):
+            alone = expected.generate(f"the cat {i}", SamplingParams(max_new_tokens=16, temperature=0.9, seed=i))
+            assert answers[i]["choices"][0]["text"] == alone.result().choices[0].text, name
+        missing = httpx.post(f"{running.url}/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=30)
+        assert missing.status_code == 404 and "other, second, tiny" in missing.json()["error"]["message"]
+    finally:
+        running.stop()
+    assert model.generate("the cat", SamplingParams(max_new_tokens=8, temperature=0)).result().choices[0].text != \
+        other.generate("the cat", SamplingParams(max_new_tokens=8, temperature=0)).result().choices[0].text

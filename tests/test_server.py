@@ -424,9 +424,9 @@ def test_a_client_that_leaves_stops_its_generation(long_model_dir):
                     events += line.startswith("data: ")
                     if events == 3:
                         break
-        wait_until(lambda: served.state.engine.in_flight == 0, "the generation did not stop", timeout=300)
+        wait_until(lambda: served.state.engines["tiny"].in_flight == 0, "the generation did not stop", timeout=300)
         room = 4096 - len(model.tokenizer.encode(body["input"], bos=True, eos=False))
-        assert 3 <= served.state.engine.generated_tokens < room // 4, (served.state.engine.generated_tokens, room)
+        assert 3 <= served.state.engines["tiny"].generated_tokens < room // 4, (served.state.engines["tiny"].generated_tokens, room)
     finally:
         served.stop()
 
@@ -450,7 +450,7 @@ def test_queue_full_is_503_and_queued_clients_get_their_own_answers(model_dir):
         threads = [threading.Thread(target=ask, args=(i,)) for i in (1, 2)]
         for t in threads:
             t.start()
-        wait_until(lambda: served.state.engine.in_flight == 2, "two requests were not admitted")
+        wait_until(lambda: served.state.engines["tiny"].in_flight == 2, "two requests were not admitted")
         refused = httpx.post(f"{served.url}/v1/chat/completions", json=body(3), timeout=30)
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["code"] == "overloaded"

@@ -1,11 +1,12 @@
 """The HTTP server: the provider's native API and the OpenAI-compatible API (docs/spec/api.md).
 
-`create_app(settings, model)` assembles the FastAPI app: the shared state, the API-key check,
-the error handlers and the routes of native.py and openai.py; nothing lives at module level.
-Each request is validated (pydantic, then SamplingParams and the chat format), turned into a
-Generation, and run by the Engine off the event loop; streamed and non-streamed responses
+`create_app(settings, models)` assembles the FastAPI app: the shared state, the API-key
+check, the error handlers and the routes of native.py and openai.py; nothing lives at module
+level. Each request is validated (pydantic, then SamplingParams and the chat format), turned
+into a Generation of the model it names, and run by that model's Engine off the event loop; streamed and non-streamed responses
 read the same events (docs/spec/sampling.md step 13).
 """
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -16,15 +17,18 @@ from .middleware import BodyLimit, ServerErrors
 from .state import ServerSettings, ServerState
 
 
-def create_app(settings: ServerSettings, model) -> FastAPI:
+def create_app(settings: ServerSettings, models) -> FastAPI:
+    """models: {served name: Model}, or one Model served as settings.served_model_name."""
     @asynccontextmanager
     async def lifespan(app):
         yield
-        server.engine.close()
+        for engine in server.engines.values():
+            engine.close()
 
     app = FastAPI(title="llama-ref", description="Native and OpenAI-compatible APIs of a reference engine",
                   lifespan=lifespan)
-    app.state.server = server = ServerState(settings, model)
+    models = models if isinstance(models, Mapping) else {settings.served_model_name: models}
+    app.state.server = server = ServerState(settings, dict(models))
     add_error_handlers(app)
 
     @app.middleware("http")
@@ -40,9 +44,12 @@ def create_app(settings: ServerSettings, model) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": settings.served_model_name, "generated_tokens": server.engine.generated_tokens,
-                "requests_in_flight": server.engine.in_flight, "requests_waiting": len(server.engine.waiting),
-                "running_sequences": server.engine.running_sequences, "server_errors": server.server_errors}
+        engines = server.engines.values()
+        return {"status": "ok", "models": sorted(server.models), "server_errors": server.server_errors,
+                "generated_tokens": sum(engine.generated_tokens for engine in engines),
+                "requests_in_flight": sum(engine.in_flight for engine in engines),
+                "requests_waiting": sum(len(engine.waiting) for engine in engines),
+                "running_sequences": sum(engine.running_sequences for engine in engines)}
 
     app.include_router(native.router)
     app.include_router(openai.router)

@@ -26,11 +26,10 @@ WEBHOOK_ATTEMPTS = 3
 
 @router.post("/v1/inference/{model_name:path}")
 async def native(model_name: str, body: NativeRequest, server: ServerState = Depends(server_state)):
-    server.check_model(model_name)
+    model = server.model(model_name)
     if body.stream and body.num_responses > 1:
         raise APIError(400, "num_responses: must be 1 when stream is true", "num_responses")
     params = sampling_params(body, n=body.num_responses, response_format=body.response_format.type)
-    model = server.model
     generation = Generation(model, encode_native_input(model.tokenizer, body.input), params)
     events, started, rid = server.admitted(generation), time.perf_counter(), request_id()
     if body.stream:

@@ -28,9 +28,9 @@ async def models(server: ServerState = Depends(server_state)):
 async def chat(body: ChatRequest, server: ServerState = Depends(server_state)):
     if body.tools:
         raise APIError(400, "tools: tool calls are not supported yet", "tools")
-    params = openai_params(server, body)
-    generation = server.model.chat([m.model_dump(include={"role", "content"}) for m in body.messages], params)
-    response = ChatShape(request_id("chatcmpl-"), int(time.time()), body.model, body.logprobs, server.model.tokenizer)
+    model, params = server.model(body.model), openai_params(body)
+    generation = model.chat([m.model_dump(include={"role", "content"}) for m in body.messages], params)
+    response = ChatShape(request_id("chatcmpl-"), int(time.time()), body.model, body.logprobs, model.tokenizer)
     return await openai_response(server, body, generation, response, "chat.completion")
 
 
@@ -40,15 +40,15 @@ async def completions(body: CompletionRequest, server: ServerState = Depends(ser
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
         raise APIError(400, "prompt: exactly one prompt per request", "prompt")
-    params = openai_params(server, body, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0)
-    generation = server.model.generate(prompts[0], params)
+    model = server.model(body.model)
+    params = openai_params(body, logprobs=body.logprobs is not None, top_logprobs=body.logprobs or 0)
+    generation = model.generate(prompts[0], params)
     response = CompletionShape(request_id("cmpl-"), int(time.time()), body.model, body.logprobs is not None,
-                               server.model.tokenizer, echo=prompts[0] if body.echo else "")
+                               model.tokenizer, echo=prompts[0] if body.echo else "")
     return await openai_response(server, body, generation, response, "text_completion")
 
 
-def openai_params(server: ServerState, body: OpenAIRequest, **overrides) -> SamplingParams:
-    server.check_model(body.model)
+def openai_params(body: OpenAIRequest, **overrides) -> SamplingParams:
     if body.stream and body.n > 1:
         raise APIError(400, "n: must be 1 when stream is true", "n")
     return sampling_params(body, max_new_tokens=body.max_tokens, response_format=body.response_format.type,

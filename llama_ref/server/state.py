@@ -1,4 +1,5 @@
-"""What the routes share: the settings, the model and the engine that runs its generations.
+"""What the routes share: the settings, the served models and the engine that runs each
+one's generations.
 
 `create_app` makes one `ServerState` and keeps it in `app.state.server`; a route asks for it
 with `Depends(server_state)`. Nothing lives at module level.
@@ -18,14 +19,15 @@ RESERVED_MEMORY = 2 * GB    # left to the OS, the Python heap and the activation
 
 @dataclass(frozen=True)
 class ServerSettings:
-    served_model_name: str = "default"
+    served_model_name: str = "default"                       # the name of a single model given to create_app
     aliases: dict[str, str] = field(default_factory=dict)   # alias -> served model name
     api_key: str | None = None
     price_per_mtoken: float = 0.0                            # dollars per million tokens, for estimated_cost
     max_batch: int = 8                                       # sequences decoded together
     max_queue: int = 8                                       # requests waiting for a place in the batch
     max_body_bytes: int = 2_000_000                          # larger request bodies get 413
-    kv_cache_gb: float | None = None                         # None: the memory left after the weights, less 2 GB
+    kv_cache_gb: float | None = None                         # None: the memory left after the weights, less 2 GB;
+                                                             # shared equally by the served models
     prefix_cache_mb: float = 2048                            # kept prompt prefixes, inside kv_cache_gb
 
 
@@ -40,20 +42,25 @@ def physical_memory() -> int:
         return total
 
 
-def kv_cache_bytes(settings: ServerSettings, model) -> int:
-    """The KV budget: as set, else what fits beside the weights leaving RESERVED_MEMORY (at least 1 GB)."""
+def kv_cache_bytes(settings: ServerSettings, models) -> int:
+    """The KV budget of all models together: as set, else what fits beside their weights
+    leaving RESERVED_MEMORY (at least 1 GB)."""
     if settings.kv_cache_gb is not None:
         return int(settings.kv_cache_gb * GB)
-    return max(GB, physical_memory() - model.stored_bytes - RESERVED_MEMORY)
+    return max(GB, physical_memory() - sum(model.stored_bytes for model in models) - RESERVED_MEMORY)
 
 
 class ServerState:
-    def __init__(self, settings: ServerSettings, model):
+    def __init__(self, settings: ServerSettings, models: dict):
         self.settings = settings
-        self.model = model
-        self.engine = Engine(model, settings.max_batch, settings.max_queue, kv_cache_bytes(settings, model),
-                             int(settings.prefix_cache_mb * (1 << 20)))
-        self.names = {settings.served_model_name, *settings.aliases}
+        self.models = models                # served name -> Model
+        unknown = set(settings.aliases.values()) - set(models)
+        if unknown:
+            raise ValueError(f"aliases: {', '.join(sorted(unknown))} is not a served model ({', '.join(models)})")
+        share = kv_cache_bytes(settings, models.values()) // len(models)
+        self.engines = {name: Engine(model, settings.max_batch, settings.max_queue, share,
+                                     int(settings.prefix_cache_mb * (1 << 20))) for name, model in models.items()}
+        self.names = {*models, *settings.aliases}
         self.webhooks: set = set()          # running deliveries, kept referenced until they finish
         self.server_errors = 0              # requests that failed on our side (middleware.ServerErrors)
 
@@ -62,7 +69,11 @@ class ServerState:
         if name not in self.names:
             raise APIError(404, f"The model '{name}' does not exist; this server has: {', '.join(sorted(self.names))}",
                            "model", "model_not_found")
-        return self.settings.served_model_name
+        return self.settings.aliases.get(name, name)
+
+    def model(self, name: str):
+        """The Model a request asked for by name or alias; 404 for any other."""
+        return self.models[self.check_model(name)]
 
     def usage(self, result) -> dict:
         total = result.total_tokens
@@ -70,14 +81,15 @@ class ServerState:
                 "total_tokens": total, "estimated_cost": total * self.settings.price_per_mtoken / 1e6}
 
     def admitted(self, generation: Generation):
-        """The generation's events, run by the engine; a 503 when its queue is full (and a
+        """The generation's events, run by its model's engine; a 503 when its queue is full (and a
         400, engine.TooLarge, when its worst case can never fit in the KV budget)."""
+        engine = next(engine for engine in self.engines.values() if engine.batch.model is generation.model)
         try:
-            ticket = self.engine.admit(generation)
+            ticket = engine.admit(generation)
         except Busy as err:
             raise APIError(503, f"the server is busy: {err}; retry shortly", None, "overloaded", "server_error",
                            {"Retry-After": "1"}) from None
-        return self.engine.events(ticket)
+        return engine.events(ticket)
 
 
 def server_state(request: Request) -> ServerState:

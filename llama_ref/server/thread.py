@@ -17,7 +17,7 @@ def free_port() -> int:
 
 
 class ThreadServer:
-    """create_app(settings, model) served by uvicorn on a daemon thread, on a free port."""
+    """create_app(settings, models) served by uvicorn on a daemon thread, on a free port."""
 
     def __init__(self, model, served_model_name: str = "tiny", **settings):
         self.app = create_app(ServerSettings(served_model_name=served_model_name, **settings), model)
