@@ -88,3 +88,16 @@ def test_thread_settings_are_applied_by_load_model_not_by_import(checkpoint, pre
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == expected
+
+
+@pytest.mark.parametrize("heads, kv_heads, length", [(9, 3, 1), (9, 3, 300), (8, 8, 17), (40, 40, 64)])
+def test_decode_attention_equals_a_float64_softmax(heads, kv_heads, length):
+    """One layer of a cache holding more positions than are read, grouped heads included."""
+    from llama_ref.kernels.attention import decode_attention, decode_attention_numpy
+    rng = np.random.default_rng(length)
+    d = 64
+    cache = rng.standard_normal((2, kv_heads, length + 5, d)).astype(np.float32) * 2
+    k, v = cache[0], cache[1]
+    q = rng.standard_normal((heads, d)).astype(np.float32) * 2
+    ours = decode_attention(q, k, v, length, np.float32(1 / np.sqrt(d)))
+    np.testing.assert_allclose(ours, decode_attention_numpy(q, k, v, length, 1 / np.sqrt(d)), rtol=1e-5, atol=1e-5)

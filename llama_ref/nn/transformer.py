@@ -18,6 +18,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..errors import ContextLengthError
 from ..formats.safetensors import StoredTensor
+from ..kernels.attention import decode_attention
 from .linear import GGUFLinear, Linear, fuse, project
 from .ops import rms_norm, silu, softmax
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -68,11 +69,12 @@ class KVCache:
 
     def update(self, layer: int, start_pos: int, k: np.ndarray, v: np.ndarray):
         """Store k, v (n, n_kv_heads, head_dim) at positions start_pos..start_pos+n-1 and
-        return all keys and values up to there: (n_kv_heads, start_pos + n, head_dim) each."""
+        return the layer's keys and values, (n_kv_heads, max_seq_len, head_dim) each, of which
+        positions 0 .. start_pos + n - 1 now hold the sequence's."""
         end = start_pos + k.shape[0]
         self.k[layer, :, start_pos:end] = k.transpose(1, 0, 2)
         self.v[layer, :, start_pos:end] = v.transpose(1, 0, 2)
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+        return self.k[layer], self.v[layer]
 
     def copy(self, positions: int | None = None, max_seq_len: int | None = None) -> "KVCache":
         """A second cache holding the first `positions` positions of this one (default: all
@@ -137,10 +139,15 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np
     """Causal grouped-query attention: softmax(q kᵀ / sqrt(d) + mask) v, where query head h
     reads key/value head h // n_rep (transformers' repeat_kv).
 
-    q (n, n_heads, d); k, v (n_kv_heads, T, d) with T = start_pos + n.  Returns (n, n_heads * d).
+    q (n, n_heads, d); k, v (n_kv_heads, ≥ T, d), of which the first T = start_pos + n
+    positions are read.  Returns (n, n_heads * d). A single row (decoding), which sees every
+    position, goes to kernels/attention.py: one compiled call instead of eight small ones.
     """
     n, n_heads, d = q.shape
-    n_kv_heads, seq_len, _ = k.shape
+    n_kv_heads, seq_len = k.shape[0], start_pos + n
+    if n == 1:
+        return decode_attention(q[0], k, v, seq_len, np.float32(1 / np.sqrt(d))).reshape(1, n_heads * d)
+    k, v = k[:, :seq_len], v[:, :seq_len]
     n_rep = n_heads // n_kv_heads
     q = q.reshape(n, n_kv_heads, n_rep, d).transpose(1, 2, 0, 3)       # (n_kv, n_rep, n, d)
     scores = q @ k[:, None].transpose(0, 1, 3, 2) / np.float32(np.sqrt(d))  # (n_kv, n_rep, n, T)
