@@ -120,7 +120,9 @@ async def run_workload(base_url: str, model: str, workload: Workload, api_key: s
     url = base_url.rstrip("/") + "/v1/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     samples: list[Sample | None] = [None] * len(mix)
-    limits = httpx.Limits(max_connections=len(mix), max_keepalive_connections=len(mix))
+    # a fresh connection per request: a kept-alive one that the server has closed meanwhile
+    # would fail the next request through no fault of the server's
+    limits = httpx.Limits(max_connections=len(mix), max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600, connect=30), headers=headers, limits=limits) as http:
         async def one(i):
             samples[i] = await measure(http, url, model, mix[i])
