@@ -174,6 +174,15 @@ def test_a_wrong_server_is_caught_by_the_check_that_owns_the_rule(mutation, mode
     assert flagged - {owner} == set(others), {name: results[name].evidence for name in flagged - {owner}}
 
 
+def test_a_check_asked_alone_runs_the_check_it_needs_first(models):
+    """penalties reads the server's arithmetic, which greedy measures: asked alone it still
+    gets it (run() adds greedy, in the registry's order)."""
+    results = run_kit(models["plain"], ["penalties"])
+    assert list(results) == ["greedy", "penalties"]
+    assert all(r.verdict == "pass" for r in results.values()), {n: r.evidence for n, r in results.items()}
+    assert any("differ from the oracle's by up to" in line for line in results["greedy"].evidence)
+
+
 def run_replayed(path, directory) -> dict:
     oracle, header = conform.vectors.load(directory)
     server = ThreadServer(llama_ref.load_model(path))

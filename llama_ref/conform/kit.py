@@ -38,15 +38,18 @@ class Kit:
     alpha: float = 1e-4         # false-alarm rate of each statistical test
     seed: int = 1234            # first seed of the sampled requests
     draws_per_request: int = 2  # n of the sampling requests; 1 once the server refuses n = 2
-    arithmetic: float | None = None   # nats: the server's log-probabilities against the oracle's (greedy check)
+    arithmetic: float | None = None   # nats: the server's log-probabilities against the oracle's (measured
+                                      # by the greedy check, which runs before any check that needs it)
 
 
 CHECKS: dict = {}
+NEEDS: dict = {}    # check -> the checks that must run before it (they measure what it reads)
 
 
-def check(name: str, spec: str):
+def check(name: str, spec: str, needs: tuple[str, ...] = ()):
     def register(function):
         CHECKS[name] = (function, spec)
+        NEEDS[name] = needs
         return function
     return register
 
@@ -56,6 +59,8 @@ def run(kit: Kit, names=None, progress: bool = True) -> list[Result]:
     unknown = [n for n in names if n not in CHECKS]
     if unknown:
         raise ValueError(f"checks: unknown {', '.join(unknown)}; known: {', '.join(CHECKS)}")
+    asked = set(names) | {need for name in names for need in NEEDS[name]}
+    names = [name for name in CHECKS if name in asked]      # the registry's order: a need runs first
     results = []
     bar = tqdm(names, disable=not progress, unit="check")
     for name in bar:

@@ -55,7 +55,8 @@ def choose(kit: Kit, name: str):
     return chosen
 
 
-@check("penalties", "sampling.md step 3 (repetition), step 4 (frequency, presence); §6, §7 for the profiles")
+@check("penalties", "sampling.md step 3 (repetition), step 4 (frequency, presence); §6, §7 for the profiles",
+       needs=("greedy",))
 def check_penalties(kit: Kit, result: Result) -> None:
     """Greedy with each penalty, on a case where the semantics give different texts; the
     server's text must be the reference's, or says which alternative it follows."""
