@@ -153,9 +153,10 @@ class Engine:
                 self.batch.generations.clear()
                 events = {}
             for ticket in self.running:
-                for event in events.get(ticket.generation, ()):
+                produced = events.get(ticket.generation, ())
+                for event in produced:
                     ticket.send(event)
-                self.generated_tokens += len(events.get(ticket.generation, ()))
+                self.generated_tokens += len(produced)
             self._finish([ticket for ticket in self.running if ticket.generation.done])
 
     def _finish(self, tickets: list[Ticket]) -> None:
