@@ -12,6 +12,7 @@ from .config import ModelConfig
 from .decoding.chat import format_chat
 from .decoding.generation import Generation
 from .decoding.params import MAX_STOP_STRINGS, SamplingParams
+from .embedding import Embedding, split_inputs
 from .errors import ContextLengthError, LlamaRefError
 from .formats.gguf_file import load_gguf
 from .formats.hf import load_hf
@@ -50,11 +51,19 @@ class Model:
         call its result() for the whole completion.  prompt: raw text (BOS added when the
         tokenizer asks for it) or token ids, used as they are.  trace=True attaches the
         sampler's audit trace to every event."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise LlamaRefError("prompt: this model has no tokenizer; pass token ids", "prompt")
-            prompt = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
-        return Generation(self, prompt, params or SamplingParams(), trace)
+        return Generation(self, token_ids(self.tokenizer, prompt, "prompt"), params or SamplingParams(), trace)
+
+    def embed(self, inputs, pooling: str = "mean", normalize: bool = True, dimensions: int | None = None) -> np.ndarray:
+        """Embedding vectors (len(inputs), dimensions or hidden_size) float32: each input's final
+        hidden states pooled by "mean" or "last", L2-normalised when `normalize` (llama_ref/embedding.py).
+        inputs: a text, a token-id list, or a list of either; nothing is appended to them."""
+        return self.embedding(inputs, pooling, normalize, dimensions).result()
+
+    def embedding(self, inputs, pooling: str = "mean", normalize: bool = True,
+                  dimensions: int | None = None) -> Embedding:
+        """embed() as an Embedding not yet run, for a decoding.batch.Batch to step (the server's)."""
+        return Embedding(self, [token_ids(self.tokenizer, item, "input") for item in split_inputs(inputs)], pooling,
+                         normalize, dimensions)
 
     def chat(self, messages, params=None, chat_format: str | None = None, reject_control_strings: bool = False,
              trace: bool = False):
@@ -83,8 +92,9 @@ class Model:
         return np.stack(self.forward_chunks([Chunk(row, start_pos, cache) for row, cache in zip(ids, caches)]))
 
     def forward_chunks(self, chunks: list[Chunk]) -> list[np.ndarray]:
-        """Logits [(n_j, vocab_size) float32] for chunks of different sequences, each at its own
-        positions with its own cache, in one pass (nn/transformer.forward)."""
+        """What each chunk asks for (Chunk.output: logits of every row, of the last row, or the
+        final hidden states) for chunks of different sequences, each at its own positions with
+        its own cache, in one pass (nn/transformer.forward)."""
         for chunk in chunks:
             bad = chunk.tokens[(chunk.tokens < 0) | (chunk.tokens >= self.config.vocab_size)]
             if bad.size:
@@ -99,6 +109,15 @@ class Model:
         big = rows * self.config.hidden_size >= PARALLEL_BLAS_WORK
         with self._threadpools.limit(limits=numba.get_num_threads() if big else 1, user_api="blas"):
             return forward(self.config, self.weights, chunks)
+
+
+def token_ids(tokenizer, text_or_ids, field: str) -> list[int]:
+    """Text tokenized as the tokenizer asks (BOS when it adds one, never EOS); ids as they are."""
+    if not isinstance(text_or_ids, str):
+        return list(text_or_ids)
+    if tokenizer is None:
+        raise LlamaRefError(f"{field}: this model has no tokenizer; pass token ids", field)
+    return tokenizer.encode(text_or_ids, bos=tokenizer.add_bos, eos=False)
 
 
 def load_model(path: str | Path) -> Model:

@@ -10,6 +10,7 @@ from pathlib import Path
 from .api import load_model
 from .decoding.params import PROFILES, RULES, SamplingParams, sampling_params
 from .decoding.trace import explain, format_trace, plot_trace
+from .embedding import POOLINGS
 from .errors import CheckpointError, ConfigError, InputFileError, LlamaRefError
 from .tokenizer import TokenizerError
 from .tools.assets import AssetError, default_model
@@ -122,6 +123,14 @@ def cmd_chat(args) -> None:
             print(" [stopped]", end="")
         print()
         history = messages[1 if system else 0:] + [{"role": "assistant", "content": answer}]
+
+
+def cmd_embed(args) -> None:
+    """One JSON line per text: its index, token count and vector."""
+    model = load_model(args.model)
+    embedding = model.embedding(args.text, args.pooling, args.normalize, args.dimensions)
+    for index, (ids, vector) in enumerate(zip(embedding.inputs, embedding.result())):
+        print(json.dumps({"index": index, "tokens": len(ids), "embedding": vector.tolist()}), flush=True)
 
 
 def cmd_synth(args) -> None:
@@ -305,7 +314,8 @@ def cmd_serve(args) -> None:
             raise LlamaRefError(f"--model {path}: serving needs a tokenizer (tokenizer.model or tokenizer.json)")
     settings = ServerSettings(aliases=aliases, api_key=args.api_key, price_per_mtoken=args.price_per_mtoken,
                               max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                              kv_cache_gb=args.kv_cache_gb, prefix_cache_mb=args.prefix_cache_mb)
+                              kv_cache_gb=args.kv_cache_gb, prefix_cache_mb=args.prefix_cache_mb,
+                              pooling=args.pooling, normalize=args.normalize)
     url = f"http://{args.host}:{args.port}"
     for name, path in paths.items():
         print(f"serving {path} as '{name}' on {url}", file=sys.stderr)
@@ -335,6 +345,13 @@ def add_sampling_arguments(parser) -> None:
     parser.add_argument("--profile", default="reference", choices=PROFILES)
 
 
+def add_embedding_arguments(parser) -> None:
+    parser.add_argument("--pooling", default="mean", choices=POOLINGS,
+                        help="embeddings: the mean of the input's final hidden states, or the last token's")
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
+                        help="embeddings: divide each vector by its L2 norm (default: yes)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="llama-ref", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -356,6 +373,14 @@ def main(argv=None) -> int:
     chat.add_argument("--system", help="the system message")
     add_sampling_arguments(chat)
     chat.set_defaults(run=cmd_chat, max_new_tokens=512)
+    embed = commands.add_parser("embed", help="embedding vectors of texts: the final hidden states, pooled",
+                                description="Example: llama-ref embed 'first text' 'second text' --pooling last")
+    embed.add_argument("text", nargs="+", help="texts to embed, each one input (BOS added when the tokenizer asks)")
+    embed.add_argument("--model", default="default", help="HF checkpoint directory, .gguf file, or 'default'")
+    add_embedding_arguments(embed)
+    embed.add_argument("--dimensions", type=int, help="cut the vectors to this many values (normalised again), "
+                       "or pad them with zeros; at least 32")
+    embed.set_defaults(run=cmd_embed)
     synth = commands.add_parser(
         "synth", help="write a random 4-bit GPTQ checkpoint of a real model's shape (for benchmarks)",
         description="Example: llama-ref synth --shape llama-2-13b --layers 2 /tmp/synth-13b-2")
@@ -392,6 +417,7 @@ def main(argv=None) -> int:
                        help="finished requests' caches kept for prompts that start the same way (inside "
                             "--kv-cache-gb; 0 turns prefix reuse off)")
     serve.add_argument("--max-body-bytes", type=int, default=2_000_000, help="larger request bodies get 413")
+    add_embedding_arguments(serve)
     serve.set_defaults(run=cmd_serve)
     quant = commands.add_parser(
         "quantize", help="GPTQ (or round-to-nearest) 4-bit quantization into a standard GPTQ checkpoint",

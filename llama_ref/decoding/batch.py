@@ -1,9 +1,9 @@
 """Many generations stepped together: continuous batching (docs/server.md, "Many users").
 
-A `Batch` holds the generations that are running. Each `step()` runs one forward pass of
-chunks: one token for every response that is decoding, plus pieces of the prompts still
-being prefilled, and hands each generation the logits of its own chunks. Generations join
-and leave between steps.
+A `Batch` holds the generations that are running, and embeddings (llama_ref/embedding.py),
+which run like prompts. Each `step()` runs one forward pass of chunks: one token for every
+response that is decoding, plus pieces of the prompts and embedding inputs still to run,
+and hands each its own chunks' output. They join and leave between steps.
 
 Batching never changes an answer. A row's result depends only on its own chunk:
 - the kernels' row-parallel path (at most kernels.SMALL_BATCH rows in a call) computes
@@ -67,22 +67,22 @@ class Batch:
         finished generations leave the batch."""
         work, budget = [], self.prefill_budget
         for generation in self.generations:
+            if generation.prefilling and budget <= 0:
+                continue
             chunks = generation.chunks(self.chunk_size)
             if not chunks:
                 continue
-            prefill = sum(len(chunk.tokens) for chunk in chunks) if generation.prefilling else 0
-            if prefill and budget <= 0:
-                continue
-            budget -= prefill
+            if generation.prefilling:
+                budget -= sum(len(chunk.tokens) for chunk in chunks)
             work.append((generation, chunks))
         chunks = [chunk for _, chunks in work for chunk in chunks]
-        logits = {}
+        outputs = {}
         for group in calls(chunks):
             for chunk, rows in zip(group, self.model.forward_chunks(group)):
-                logits[id(chunk)] = rows
+                outputs[id(chunk)] = rows
         events = {}
         for generation, chunks in work:
-            produced = generation.take([logits[id(chunk)] for chunk in chunks])
+            produced = generation.take([outputs[id(chunk)] for chunk in chunks])
             if produced:
                 events[generation] = produced
         self.generations = [g for g in self.generations if not g.done]

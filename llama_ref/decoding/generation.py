@@ -141,6 +141,7 @@ class Generation:
         self.events: list[TokenEvent] = []
         self.caches: list = []          # response i's KV cache (one, the prompt's, until it is prefilled)
         self.prefilled = 0              # prompt positions held by the cache
+        self._prefill_stop = 0          # where the prompt chunk being run ends
         self.cancelled = False
         self._stepping: list[Response] = []
 
@@ -152,6 +153,24 @@ class Generation:
     def cache_length(self) -> int:
         """Positions a response's cache needs: the prompt and every token but the last."""
         return len(self.prompt_ids) + self.max_new_tokens
+
+    @property
+    def sequences(self) -> int:
+        """Places it takes in a batch (the server's --max-batch): one per response."""
+        return self.params.n
+
+    @property
+    def kv_positions(self) -> int:
+        """KV positions its caches hold at worst, and the field and reason to name when they
+        cannot fit (server/engine.py)."""
+        return self.params.n * self.cache_length
+
+    kv_field = "max_tokens"
+
+    @property
+    def kv_reason(self) -> str:
+        return (f"the prompt ({len(self.prompt_ids)} tokens) and up to {self.max_new_tokens} new tokens, "
+                f"for {self.params.n} choice(s),")
 
     @property
     def prefilling(self) -> bool:
@@ -176,17 +195,18 @@ class Generation:
             self.caches = [self.model.new_cache(self.cache_length)]
         prompt = self.prompt_ids
         if self.prefilling:
-            stop = len(prompt) if chunk_size is None else min(len(prompt), self.prefilled + chunk_size)
-            return [Chunk(np.asarray(prompt[self.prefilled:stop], dtype=np.int64), self.prefilled, self.caches[0])]
+            self._prefill_stop = len(prompt) if chunk_size is None else min(len(prompt), self.prefilled + chunk_size)
+            return [Chunk(np.asarray(prompt[self.prefilled:self._prefill_stop], dtype=np.int64), self.prefilled,
+                          self.caches[0], "last")]
         self._stepping = [r for r in self.responses if r.finish_reason is None]
         return [Chunk(np.asarray(r.token_ids[-1:], dtype=np.int64), len(prompt) + len(r.token_ids) - 1,
-                      self.caches[r.index]) for r in self._stepping]
+                      self.caches[r.index], "last") for r in self._stepping]
 
     def take(self, logits: list[np.ndarray]) -> list[TokenEvent]:
-        """The logits (n, vocab) of the chunks() just run, one array per chunk. Returns the
-        tokens they produced (none while the prompt is still being prefilled)."""
+        """The logits (1, vocab) of the last row of each chunk just run (chunks()). Returns
+        the tokens they produced (none while the prompt is still being prefilled)."""
         if self.prefilling:
-            self.prefilled += len(logits[0])
+            self.prefilled = self._prefill_stop
             if self.prefilling:
                 return []
             self.caches += [self.caches[0].copy() for _ in self.responses[1:]]

@@ -11,7 +11,7 @@ formats/hf.py and formats/gguf_file.py map the checkpoints' names onto them. Inv
 throughout: row i of a chunk is the token at absolute position start_pos + i.
 """
 from dataclasses import dataclass, replace
-from typing import Callable, Protocol
+from typing import Callable, Literal, Protocol
 
 import numpy as np
 
@@ -159,10 +159,14 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np
 @dataclass(frozen=True)
 class Chunk:
     """Tokens of one sequence at positions start_pos .. start_pos + len(tokens) - 1, read
-    against and written into that sequence's cache."""
+    against and written into that sequence's cache, and what the pass returns for them:
+    "logits" of every row (n, vocab); "last", the last row's logits (1, vocab), all that a
+    sampler reads (the output layer is a fifth of a small model's prefill); "hidden", the
+    final norm's output (n, hidden), which embeddings pool."""
     tokens: np.ndarray   # (n,) int64
     start_pos: int
     cache: KVCache
+    output: Literal["logits", "last", "hidden"] = "logits"
 
 
 def spans(lengths: tuple[int, ...]):
@@ -228,11 +232,12 @@ def chunk_rope(config: ModelConfig, start_pos: int, n: int) -> tuple[np.ndarray,
 
 
 def forward(config: ModelConfig, weights: Weights, chunks: list[Chunk]) -> list[np.ndarray]:
-    """Logits of each chunk, every chunk its own sequence at its own positions, reading and
-    extending its own cache.  The matrix products see the rows of every chunk at once, so
-    the step reads each weight once; a row's result depends only on its own chunk as long
-    as the kernels' row-parallel path runs (at most kernels.SMALL_BATCH rows in all).
-    Returns [(len(chunk.tokens), vocab_size) float32 for each chunk]."""
+    """What each chunk asks for (Chunk.output), every chunk its own sequence at its own
+    positions, reading and extending its own cache.  The matrix products see the rows of
+    every chunk at once, so the step reads each weight once; a row's result depends only on
+    its own chunk as long as the kernels' row-parallel path runs (at most
+    kernels.SMALL_BATCH rows in all).  Returns one float32 array per chunk: (n, vocab_size)
+    for "logits", (1, vocab_size) for "last", (n, hidden) for "hidden"."""
     for chunk in chunks:
         check_positions(config, chunk.cache, len(chunk.tokens), chunk.start_pos)
     lengths = tuple(len(chunk.tokens) for chunk in chunks)
@@ -243,8 +248,24 @@ def forward(config: ModelConfig, weights: Weights, chunks: list[Chunk]) -> list[
         x = decoder_layer(config, layer, x, lengths, cos, sin, cached_attention(chunks, i))
     for chunk in chunks:
         chunk.cache.length = chunk.start_pos + len(chunk.tokens)
-    logits = weights.output(rms_norm(x, weights.norm, config.rms_norm_eps))  # (rows, vocab)
-    return [logits[a:b] for a, b in spans(lengths)]
+    return outputs(weights, chunks, rms_norm(x, weights.norm, config.rms_norm_eps), lengths)
+
+
+def outputs(weights: Weights, chunks: list[Chunk], hidden: np.ndarray, lengths: tuple[int, ...]) -> list[np.ndarray]:
+    """Each chunk's Chunk.output from the final hidden states (rows, hidden), the output
+    layer run once over just the rows whose logits are wanted."""
+    wanted = [np.arange(a, b) if chunk.output == "logits" else np.arange(b - 1, b)
+              for chunk, (a, b) in zip(chunks, spans(lengths)) if chunk.output != "hidden"]
+    logits = weights.output(hidden[np.concatenate(wanted)]) if wanted else None  # (wanted rows, vocab)
+    results, taken = [], 0
+    for chunk, (a, b) in zip(chunks, spans(lengths)):
+        if chunk.output == "hidden":
+            results.append(hidden[a:b])
+            continue
+        n = b - a if chunk.output == "logits" else 1
+        results.append(logits[taken:taken + n])
+        taken += n
+    return results
 
 
 def check_positions(config: ModelConfig, cache: KVCache, n: int, start_pos: int) -> None:

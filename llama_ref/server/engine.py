@@ -2,6 +2,8 @@
 
 One scheduler thread owns the model and steps a decoding.batch.Batch: each step decodes one
 token for every running sequence and prefills a piece of the prompts just admitted.
+Embeddings (llama_ref/embedding.py) run in the same steps, as prompts do, holding no
+decoding place.
 Requests join between steps, in arrival order, while the batch runs fewer than max_batch
 sequences (a request with n choices is n sequences) and the KV budget holds their worst
 case: n caches of prompt + max_tokens positions. Up to max_queue more requests wait; the
@@ -16,6 +18,7 @@ import threading
 from collections import deque
 
 from ..decoding.batch import Batch
+from ..decoding.generation import Generation
 from ..decoding.prefix import PrefixCache
 from ..errors import ContextLengthError
 from ..nn.transformer import kv_bytes_per_token
@@ -33,12 +36,13 @@ class TooLarge(ContextLengthError):
 
 
 class Ticket:
-    """A request in the engine: its generation and the queue its events go to."""
+    """A request in the engine: its work (a Generation, or an Embedding) and the queue its
+    events go to."""
 
-    def __init__(self, generation, reserved: int):
-        self.generation = generation
+    def __init__(self, work, reserved: int):
+        self.work = work
         self.reserved = reserved                     # bytes of KV cache held for its worst case
-        self.sequences = generation.params.n
+        self.sequences = work.sequences              # places in the batch: n for a generation
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
 
@@ -77,16 +81,14 @@ class Engine:
     def running_sequences(self) -> int:
         return sum(ticket.sequences for ticket in self.starting + self.running)
 
-    def admit(self, generation) -> Ticket:
-        """A ticket for the generation, started at once when it fits; must be called on the
-        event loop that will read its events."""
-        need = generation.params.n * generation.cache_length * self.bytes_per_token
+    def admit(self, work) -> Ticket:
+        """A ticket for the work (a Generation or an Embedding), started at once when it fits;
+        must be called on the event loop that will read its events."""
+        need = work.kv_positions * self.bytes_per_token
         if need > self.kv_cache_bytes:
-            raise TooLarge(f"max_tokens: the prompt ({len(generation.prompt_ids)} tokens) and up to "
-                           f"{generation.max_new_tokens} new tokens, for {generation.params.n} choice(s), need "
-                           f"{need / GB:.2f} GB of KV cache; this server holds {self.kv_cache_bytes / GB:.2f} GB "
-                           "(--kv-cache-gb)", "max_tokens")
-        ticket = Ticket(generation, need)
+            raise TooLarge(f"{work.kv_field}: {work.kv_reason} need {need / GB:.2f} GB of KV cache; this server "
+                           f"holds {self.kv_cache_bytes / GB:.2f} GB (--kv-cache-gb)", work.kv_field)
+        ticket = Ticket(work, need)
         with self._cv:
             if not self.waiting and self._fits(ticket):
                 self._start(ticket)
@@ -109,7 +111,7 @@ class Engine:
 
     def cancel(self, ticket: Ticket) -> None:
         with self._cv:
-            ticket.generation.cancelled = ticket.generation.cancelled or not ticket.generation.done
+            ticket.work.cancelled = ticket.work.cancelled or not ticket.work.done
             if ticket in self.waiting:
                 self.waiting.remove(ticket)
 
@@ -139,9 +141,9 @@ class Engine:
                 if self._closed:
                     return
                 for ticket in self.starting:
-                    if self.prefix is not None:
-                        self.prefix.start(ticket.generation)
-                    self.batch.add(ticket.generation)
+                    if self.prefix is not None and isinstance(ticket.work, Generation):
+                        self.prefix.start(ticket.work)
+                    self.batch.add(ticket.work)
                 self.running += self.starting
                 self.starting = []
             try:
@@ -149,15 +151,15 @@ class Engine:
             except Exception as err:     # handed to every request in the step, which reports it
                 for ticket in self.running:
                     ticket.send(err)
-                    ticket.generation.cancelled = True
+                    ticket.work.cancelled = True
                 self.batch.generations.clear()
                 events = {}
             for ticket in self.running:
-                produced = events.get(ticket.generation, ())
+                produced = events.get(ticket.work, ())
                 for event in produced:
                     ticket.send(event)
                 self.generated_tokens += len(produced)
-            self._finish([ticket for ticket in self.running if ticket.generation.done])
+            self._finish([ticket for ticket in self.running if ticket.work.done])
 
     def _finish(self, tickets: list[Ticket]) -> None:
         with self._cv:
@@ -165,12 +167,12 @@ class Engine:
                 self.running.remove(ticket)
                 self.reserved -= ticket.reserved
                 ticket.send(DONE)
-                self._keep_prefix(ticket.generation)
+                self._keep_prefix(ticket.work)
             while self.waiting and self._fits(self.waiting[0]):
                 self._start(self.waiting.popleft())
 
-    def _keep_prefix(self, generation) -> None:
-        if self.prefix is None or not generation.caches:
+    def _keep_prefix(self, work) -> None:
+        if self.prefix is None or not isinstance(work, Generation) or not work.caches:
             return
-        self.prefix.keep(generation.prompt_ids, generation.caches[0])
+        self.prefix.keep(work.prompt_ids, work.caches[0])
         self.prefix.shrink(self.kv_cache_bytes - self.reserved)

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible API (docs/spec/api.md §2): chat completions, completions and the
-model list, under /v1 and /v1/openai. Streamed and whole responses read the same events."""
+"""The OpenAI-compatible API (docs/spec/api.md §2): chat completions, completions, embeddings
+and the model list, under /v1 and /v1/openai. Streamed and whole responses read the same events."""
+import base64
 import json
 import time
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from ..decoding.params import SamplingParams, sampling_params
 from .errors import APIError, ending_with_error
-from .schemas import ChatRequest, CompletionRequest, OpenAIRequest
+from .schemas import ChatRequest, CompletionRequest, EmbeddingRequest, OpenAIRequest
 from .state import ServerState, request_id, server_state
 
 router = APIRouter()
@@ -46,6 +47,27 @@ async def completions(body: CompletionRequest, server: ServerState = Depends(ser
     response = CompletionShape(request_id("cmpl-"), int(time.time()), body.model, body.logprobs is not None,
                                model.tokenizer, echo=prompts[0] if body.echo else "")
     return await openai_response(server, body, generation, response, "text_completion")
+
+
+@router.post("/v1/embeddings")
+@router.post("/v1/openai/embeddings")
+async def embeddings(body: EmbeddingRequest, server: ServerState = Depends(server_state)):
+    embedding = server.model(body.model).embedding(body.input, server.settings.pooling, server.settings.normalize,
+                                                   body.dimensions)
+    async for _ in server.admitted(embedding):
+        pass
+    vectors = embedding.result()                                           # (inputs, dimensions) float32
+    data = [{"object": "embedding", "index": i, "embedding": encode_vector(vector, body.encoding_format)}
+            for i, vector in enumerate(vectors)]
+    return {"object": "list", "data": data, "model": body.model,
+            "usage": {"prompt_tokens": embedding.tokens, "total_tokens": embedding.tokens}}
+
+
+def encode_vector(vector, encoding_format: str):
+    """A list of floats, or base64 of the little-endian float32 bytes (what the openai client decodes)."""
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()
 
 
 def openai_params(body: OpenAIRequest, **overrides) -> SamplingParams:

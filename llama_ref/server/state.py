@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from ..decoding.generation import Generation
 from .engine import GB, Busy, Engine
 from .errors import APIError
 
@@ -29,6 +28,8 @@ class ServerSettings:
     kv_cache_gb: float | None = None                         # None: the memory left after the weights, less 2 GB;
                                                              # shared equally by the served models
     prefix_cache_mb: float = 2048                            # kept prompt prefixes, inside kv_cache_gb
+    pooling: str = "mean"                                    # embeddings: "mean" or "last" (llama_ref/embedding.py)
+    normalize: bool = True                                   # embeddings: L2-normalised
 
 
 def physical_memory() -> int:
@@ -80,12 +81,13 @@ class ServerState:
         return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                 "total_tokens": total, "estimated_cost": total * self.settings.price_per_mtoken / 1e6}
 
-    def admitted(self, generation: Generation):
-        """The generation's events, run by its model's engine; a 503 when its queue is full (and a
-        400, engine.TooLarge, when its worst case can never fit in the KV budget)."""
-        engine = next(engine for engine in self.engines.values() if engine.batch.model is generation.model)
+    def admitted(self, work):
+        """The events of the work (a Generation or an Embedding), run by its model's engine; a
+        503 when the queue is full (and a 400, engine.TooLarge, when its worst case can never
+        fit in the KV budget)."""
+        engine = next(engine for engine in self.engines.values() if engine.batch.model is work.model)
         try:
-            ticket = engine.admit(generation)
+            ticket = engine.admit(work)
         except Busy as err:
             raise APIError(503, f"the server is busy: {err}; retry shortly", None, "overloaded", "server_error",
                            {"Retry-After": "1"}) from None
