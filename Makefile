@@ -11,7 +11,11 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: test run generate bench peers clean
+FUZZ_EXAMPLES ?= 500
+LOAD_CLIENTS ?= 32
+LOAD_SECONDS ?= 120
+
+.PHONY: test run generate bench peers fuzz load clean
 
 # pip byte-compiles what it installs: with PYTHONDONTWRITEBYTECODE set (as on this kind of
 # machine) nothing compiled later is kept, and every process would compile torch again.
@@ -33,6 +37,14 @@ $(STAMP): pyproject.toml
 # kernels/ shadows the `kernels` distribution that transformers (>= 5.25) looks for and imports.
 test: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The fuzzer of the suite (tests/test_fuzz.py), with many more examples per route and mode.
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -s tests/test_fuzz.py $(PYTEST_ARGS)
+
+# The load test of the suite (tests/test_load.py) at full size: 32 streaming clients, 2 minutes.
+load: $(STAMP)
+	LOAD_CLIENTS=$(LOAD_CLIENTS) LOAD_SECONDS=$(LOAD_SECONDS) $(VENV)/bin/pytest -s tests/test_load.py $(PYTEST_ARGS)
 
 run: $(STAMP)
 	$(VENV)/bin/llama-ref fetch default

@@ -1,7 +1,9 @@
 """The `llama-ref` command line."""
 import argparse
 import json
+import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -292,6 +294,7 @@ def served_models(entries: list[str], served_model_name: str) -> dict[str, str]:
 
 def cmd_serve(args) -> None:
     import uvicorn
+    from sse_starlette.sse import AppStatus
 
     from .server import ServerSettings, create_app
     paths = served_models(args.model, args.served_model_name)
@@ -307,20 +310,36 @@ def cmd_serve(args) -> None:
             raise LlamaRefError(f"{flag}: must be at least {least}, got {value}")
     if args.max_body_bytes < 1:
         raise LlamaRefError(f"--max-body-bytes: must be at least 1, got {args.max_body_bytes}")
+    if args.shutdown_timeout < 0:
+        raise LlamaRefError(f"--shutdown-timeout: must be at least 0, got {args.shutdown_timeout}")
+    api_key = args.api_key if args.api_key_file is None else read_text(args.api_key_file, "--api-key-file").strip()
+    if api_key == "":
+        raise LlamaRefError("--api-key-file: the file is empty")
     models = {}
     for name, path in paths.items():
         models[name] = load_model(path)
         if models[name].tokenizer is None:
             raise LlamaRefError(f"--model {path}: serving needs a tokenizer (tokenizer.model or tokenizer.json)")
-    settings = ServerSettings(aliases=aliases, api_key=args.api_key, price_per_mtoken=args.price_per_mtoken,
+    settings = ServerSettings(aliases=aliases, api_key=api_key, price_per_mtoken=args.price_per_mtoken,
                               max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                               kv_cache_gb=args.kv_cache_gb, prefix_cache_mb=args.prefix_cache_mb,
-                              pooling=args.pooling, normalize=args.normalize)
+                              pooling=args.pooling, normalize=args.normalize, cors_origins=tuple(args.cors_origin))
     url = f"http://{args.host}:{args.port}"
     for name, path in paths.items():
         print(f"serving {path} as '{name}' on {url}", file=sys.stderr)
     print(SERVE_EXAMPLE.format(name=next(iter(paths)), url=url), file=sys.stderr, flush=True)
-    uvicorn.run(create_app(settings, models), host=args.host, port=args.port, log_level="warning")
+    if args.access_log:
+        access = logging.StreamHandler(sys.stderr)
+        access.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("llama_ref.access").addHandler(access)
+        logging.getLogger("llama_ref.access").setLevel(logging.INFO)
+    # SIGTERM drains: uvicorn stops accepting connections and waits up to --shutdown-timeout for
+    # the requests in flight. sse-starlette would end every stream at once; let them finish.
+    AppStatus.disable_automatic_graceful_drain()
+    # uvicorn raises the signal again once it has drained; taken here, the exit status is 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(create_app(settings, models), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=args.shutdown_timeout)
 
 
 def add_prompt_arguments(parser) -> None:
@@ -404,7 +423,11 @@ def main(argv=None) -> int:
     serve.add_argument("--served-model-name", default="default", help="the name clients ask for (a --model "
                        "given without NAME=)")
     serve.add_argument("--alias", action="append", default=[], help="another name, ALIAS=SERVED_NAME (repeatable)")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    keys = serve.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    keys.add_argument("--api-key-file", help="the same, the key read from this file (so that it does not show in ps)")
+    serve.add_argument("--cors-origin", action="append", default=[], help="a browser origin allowed to call the API "
+                       "(repeatable); none by default")
     serve.add_argument("--price-per-mtoken", type=float, default=0.0, help="dollars per million tokens (usage cost)")
     serve.add_argument("--max-batch", type=int, default=8,
                        help="sequences decoded together (a request with n choices is n of them)")
@@ -418,6 +441,10 @@ def main(argv=None) -> int:
                             "--kv-cache-gb; 0 turns prefix reuse off)")
     serve.add_argument("--max-body-bytes", type=int, default=2_000_000, help="larger request bodies get 413")
     add_embedding_arguments(serve)
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, help="on SIGTERM, seconds the requests in "
+                       "flight have to finish; no new connection is accepted meanwhile")
+    serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                       help="one JSON line per request on stderr: id, route, status, tokens, duration; never content")
     serve.set_defaults(run=cmd_serve)
     quant = commands.add_parser(
         "quantize", help="GPTQ (or round-to-nearest) 4-bit quantization into a standard GPTQ checkpoint",

@@ -23,6 +23,7 @@ from .nn.transformer import Chunk
 POOLINGS = ("mean", "last")
 MAX_INPUTS = 2048        # OpenAI's limit on the inputs of one request
 MIN_DIMENSIONS = 32      # the provider's lower bound for `dimensions`
+MAX_DIMENSIONS = 65536   # padding is free, but not unbounded: dimensions=10**12 would allocate terabytes
 
 
 class EmbeddingError(LlamaRefError, ValueError):
@@ -64,8 +65,8 @@ class Embedding:
         check_inputs(inputs, model.config)
         if pooling not in POOLINGS:
             raise EmbeddingError(f"pooling: {pooling!r} is not one of {', '.join(POOLINGS)}", "pooling")
-        if dimensions is not None and dimensions < MIN_DIMENSIONS:
-            raise EmbeddingError(f"dimensions: {dimensions} is below the minimum of {MIN_DIMENSIONS}", "dimensions")
+        if dimensions is not None and not MIN_DIMENSIONS <= dimensions <= MAX_DIMENSIONS:
+            raise EmbeddingError(f"dimensions: {dimensions} is outside {MIN_DIMENSIONS}..{MAX_DIMENSIONS}", "dimensions")
         self.model = model
         self.inputs = [[int(i) for i in ids] for ids in inputs]
         self.pooling, self.normalize, self.dimensions = pooling, normalize, dimensions
@@ -78,7 +79,7 @@ class Embedding:
         self._running: list[tuple[int, Chunk]] = []
 
     @property
-    def tokens(self) -> int:
+    def prompt_tokens(self) -> int:
         return sum(len(ids) for ids in self.inputs)
 
     @property
@@ -86,7 +87,7 @@ class Embedding:
         """KV positions it holds at most at once: a step takes chunks in input order within one
         chunk's worth of rows, and an input longer than that ends every step it is in, so at
         most one long input is part-way while the short ones of a step start and finish."""
-        return min(self.tokens, max(len(ids) for ids in self.inputs) + PREFILL_CHUNK)
+        return min(self.prompt_tokens, max(len(ids) for ids in self.inputs) + PREFILL_CHUNK)
 
     kv_field = "input"
 

@@ -155,6 +155,10 @@ class Generation:
         return len(self.prompt_ids) + self.max_new_tokens
 
     @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
     def sequences(self) -> int:
         """Places it takes in a batch (the server's --max-batch): one per response."""
         return self.params.n

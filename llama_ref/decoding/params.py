@@ -11,6 +11,9 @@ from dataclasses import dataclass, fields
 from ..errors import LlamaRefError
 
 MAX_STOP_STRINGS = 16
+# Longer than any stop sequence in use, and short enough that holding back a possible match
+# while streaming stays cheap: a 1 MB stop string was accepted and searched at every token.
+MAX_STOP_LENGTH = 1000
 PROFILES = ("reference", "hf", "vllm", "llama.cpp")
 RESPONSE_FORMATS = ("text", "json_object")
 
@@ -105,6 +108,9 @@ def check_stop(stop: tuple) -> None:
     for s in stop:
         if not isinstance(s, str) or not s:
             raise SamplingParamsError(f"stop: every stop string must be a non-empty string, got {s!r}", "stop")
+        if len(s) > MAX_STOP_LENGTH:
+            raise SamplingParamsError(f"stop: a stop string has at most {MAX_STOP_LENGTH} characters, got {len(s)}",
+                                      "stop")
 
 
 def check_choice(name: str, value, choices: tuple) -> None:

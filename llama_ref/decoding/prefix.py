@@ -36,6 +36,7 @@ class PrefixCache:
         self.chunk = chunk
         self.entries: OrderedDict[tuple[int, ...], object] = OrderedDict()   # least recently used first
         self.reused_tokens = 0          # prompt positions not computed again, over every request
+        self.hits = 0                   # requests that started from a kept prefix
 
     @property
     def bytes(self) -> int:
@@ -55,6 +56,7 @@ class PrefixCache:
         self.entries.move_to_end(best)
         generation.reuse(self.entries[best].copy(reused, generation.cache_length), reused)
         self.reused_tokens += reused
+        self.hits += 1
         return reused
 
     def keep(self, prompt_ids, cache) -> None:

@@ -6,14 +6,19 @@ level. Each request is validated (pydantic, then SamplingParams and the chat for
 into a Generation of the model it names, and run by that model's Engine off the event loop; streamed and non-streamed responses
 read the same events (docs/spec/sampling.md step 13).
 """
+import hmac
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import native, openai
 from .errors import add_error_handlers, error_response
-from .middleware import BodyLimit, ServerErrors
+from .middleware import BodyLimit, RequestLog, ServerErrors
+from .responses import Health, Ready
 from .state import ServerSettings, ServerState
 
 
@@ -31,18 +36,25 @@ def create_app(settings: ServerSettings, models) -> FastAPI:
     app.state.server = server = ServerState(settings, dict(models))
     add_error_handlers(app)
 
+    expected = f"Bearer {settings.api_key}".encode()
+
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
+        # compare_digest: the time taken does not tell how much of a guessed key was right
         if settings.api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization") != f"Bearer {settings.api_key}":
+            if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
                 return error_response(request, 401, "missing or wrong API key (Authorization: Bearer ...)", None,
                                       "invalid_api_key", "authentication_error")
         return await call_next(request)
 
     app.add_middleware(ServerErrors, state=server)
-    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)   # outermost: before anything reads
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)   # before anything reads the body
+    app.add_middleware(RequestLog, metrics=server.metrics)                   # outermost: sees every answer
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health}})
     async def health():
         engines = server.engines.values()
         return {"status": "ok", "models": sorted(server.models), "server_errors": server.server_errors,
@@ -50,6 +62,16 @@ def create_app(settings: ServerSettings, models) -> FastAPI:
                 "requests_in_flight": sum(engine.in_flight for engine in engines),
                 "requests_waiting": sum(len(engine.waiting) for engine in engines),
                 "running_sequences": sum(engine.running_sequences for engine in engines)}
+
+    @app.get("/ready", responses={200: {"model": Ready}, 503: {"model": Ready, "description": "a queue is full"}})
+    async def ready():
+        """For orchestrators: 200 while the models are loaded and no queue is full, else 503."""
+        return JSONResponse({"status": "ready" if server.ready else "busy"}, 200 if server.ready else 503)
+
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
+    async def metrics():
+        return PlainTextResponse(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(native.router)
     app.include_router(openai.router)

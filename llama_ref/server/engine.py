@@ -63,6 +63,7 @@ class Engine:
         self.prefix = PrefixCache(min(prefix_cache_bytes, kv_cache_bytes), self.bytes_per_token,
                                   self.batch.chunk_size) if self.batch.chunk_size else None
         self.generated_tokens = 0       # every token any request produced (for tests and /health)
+        self.steps = 0                  # forward passes of the batch (for /metrics)
         self.waiting: deque[Ticket] = deque()
         self.starting: list[Ticket] = []
         self.running: list[Ticket] = []
@@ -76,6 +77,11 @@ class Engine:
     def in_flight(self) -> int:
         """Requests admitted and not yet done: running or waiting."""
         return len(self.waiting) + len(self.starting) + len(self.running)
+
+    @property
+    def accepting(self) -> bool:
+        """Whether a request would be taken now, into the batch or the queue, rather than refused."""
+        return len(self.waiting) < self.max_queue or (not self.waiting and self.running_sequences < self.max_batch)
 
     @property
     def running_sequences(self) -> int:
@@ -147,6 +153,7 @@ class Engine:
                 self.running += self.starting
                 self.starting = []
             try:
+                self.steps += 1
                 events = self.batch.step()
             except Exception as err:     # handed to every request in the step, which reports it
                 for ticket in self.running:

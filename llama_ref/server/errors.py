@@ -5,6 +5,7 @@ import json
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from ..errors import ContextLengthError, LlamaRefError
 
@@ -64,6 +65,14 @@ async def validation_error(request: Request, err: RequestValidationError):
     return error_response(request, 400, f"{where}: {first['msg']}", where, "invalid_value")
 
 
+async def http_error(request: Request, err: HTTPException):
+    """What the framework refuses itself (a body that is not UTF-8 or nests too deep, an unknown
+    route or method), in the API's error shape rather than FastAPI's {"detail"}."""
+    where = "body" if err.status_code == 400 else None
+    message = f"body: {err.detail}" if where else str(err.detail)
+    return error_response(request, err.status_code, message, where, None, headers=err.headers)
+
+
 async def engine_error(request: Request, err: LlamaRefError):
     """A rule the engine checks (SamplingParams, the chat format, the context): a 400."""
     code = "context_length_exceeded" if isinstance(err, ContextLengthError) else "invalid_value"
@@ -78,5 +87,6 @@ async def internal_error(request: Request, err: Exception):
 def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, internal_error)
     app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(LlamaRefError, engine_error)

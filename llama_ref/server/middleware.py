@@ -1,4 +1,4 @@
-"""Two guards around the whole app, written as plain ASGI so that they see every request,
+"""Three layers around the whole app, written as plain ASGI so that they see every request,
 streamed or not, and every failure, before or after a response has started.
 
 - `BodyLimit`: a request body larger than `max_body_bytes` gets a 413 at once, before any of
@@ -7,12 +7,17 @@ streamed or not, and every failure, before or after a response has started.
 - `ServerErrors`: counts requests that failed on the server's side (a 5xx other than the
   deliberate 503 of a full queue, or an exception, also one raised after a stream started),
   so that tests and /health see a failure that the logs would not show.
+- `RequestLog`: gives each request an id (the `X-Request-Id` header), and when its response
+  has ended (a stream's last byte included) counts it in /metrics and writes its access-log line.
 """
 import json
+import secrets
+import time
 
 from starlette.datastructures import Headers
 
 from .errors import error_body, is_native
+from .metrics import RequestRecord, current_request, log_request
 
 
 class BodyLimit:
@@ -74,3 +79,35 @@ class ServerErrors:
         except Exception:
             self.state.server_errors += 1
             raise
+
+
+class RequestLog:
+    def __init__(self, app, metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        record = RequestRecord(secrets.token_hex(8), scope["method"], "unmatched")
+        token, start = current_request.set(record), time.perf_counter()
+
+        async def logged_send(message):
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", record.request_id.encode())]}
+            await send(message)
+        try:
+            await self.app(scope, receive, logged_send)
+        except Exception:
+            record.status = record.status or 500
+            raise
+        finally:
+            current_request.reset(token)
+            # the router wrote the matched route into the scope: a bounded set of labels
+            route = scope.get("route")
+            record.route = getattr(route, "path", "unmatched")
+            record.duration_ms = round((time.perf_counter() - start) * 1000, 3)
+            self.metrics.finished(record)
+            log_request(record)

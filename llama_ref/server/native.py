@@ -16,15 +16,16 @@ from ..decoding.chat import encode_native_input
 from ..decoding.generation import Generation
 from ..decoding.params import sampling_params
 from .errors import APIError, ending_with_error
+from .responses import NativeResponse, NativeStreamEvent, declared
 from .schemas import NativeRequest
 from .state import ServerState, request_id, server_state
 
 log = logging.getLogger("llama_ref.server")
 router = APIRouter()
-WEBHOOK_ATTEMPTS = 3
+WEBHOOK_RETRIES = 3
 
 
-@router.post("/v1/inference/{model_name:path}")
+@router.post("/v1/inference/{model_name:path}", responses=declared(NativeResponse, NativeStreamEvent, native=True))
 async def native(model_name: str, body: NativeRequest, server: ServerState = Depends(server_state)):
     model = server.model(model_name)
     if body.stream and body.num_responses > 1:
@@ -70,17 +71,21 @@ async def native_stream(generation, events):
 
 
 async def deliver(server: ServerState, url: str, body) -> None:
-    """POST the finished response to the caller's URL: three tries, failures logged."""
+    """POST the finished response to the caller's URL; a failure is retried WEBHOOK_RETRIES
+    times, 1, 2, 4 s apart, then given up and logged. It runs as its own task: a slow or dead
+    target holds nothing else up."""
     try:
         payload = await body
         async with httpx.AsyncClient(timeout=30) as http:
-            for attempt in range(WEBHOOK_ATTEMPTS):
+            for attempt in range(WEBHOOK_RETRIES + 1):
+                if attempt:
+                    await asyncio.sleep(2 ** (attempt - 1))
                 try:
                     (await http.post(url, json=payload)).raise_for_status()
                     return
                 except httpx.HTTPError as err:
                     log.warning("webhook %s: attempt %d failed: %s", url, attempt + 1, err)
-                    await asyncio.sleep(2 ** attempt)
+        log.error("webhook %s: given up after %d attempts", url, WEBHOOK_RETRIES + 1)
     except Exception:
         log.exception("webhook %s: the generation failed", url)
     finally:

@@ -10,6 +10,8 @@ from sse_starlette.sse import EventSourceResponse
 
 from ..decoding.params import SamplingParams, sampling_params
 from .errors import APIError, ending_with_error
+from .responses import (ChatCompletion, ChatCompletionChunk, EmbeddingList, ModelList, TextCompletion,
+                        declared)
 from .schemas import ChatRequest, CompletionRequest, EmbeddingRequest, OpenAIRequest
 from .state import ServerState, request_id, server_state
 
@@ -17,15 +19,15 @@ router = APIRouter()
 OPENAI_FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 
 
-@router.get("/v1/models")
-@router.get("/v1/openai/models")
+@router.get("/v1/models", responses=declared(ModelList))
+@router.get("/v1/openai/models", responses=declared(ModelList))
 async def models(server: ServerState = Depends(server_state)):
     return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "llama-ref"}
                                        for name in sorted(server.names)]}
 
 
-@router.post("/v1/chat/completions")
-@router.post("/v1/openai/chat/completions")
+@router.post("/v1/chat/completions", responses=declared(ChatCompletion, ChatCompletionChunk))
+@router.post("/v1/openai/chat/completions", responses=declared(ChatCompletion, ChatCompletionChunk))
 async def chat(body: ChatRequest, server: ServerState = Depends(server_state)):
     if body.tools:
         raise APIError(400, "tools: tool calls are not supported yet", "tools")
@@ -35,8 +37,8 @@ async def chat(body: ChatRequest, server: ServerState = Depends(server_state)):
     return await openai_response(server, body, generation, response, "chat.completion")
 
 
-@router.post("/v1/completions")
-@router.post("/v1/openai/completions")
+@router.post("/v1/completions", responses=declared(TextCompletion, TextCompletion))
+@router.post("/v1/openai/completions", responses=declared(TextCompletion, TextCompletion))
 async def completions(body: CompletionRequest, server: ServerState = Depends(server_state)):
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
@@ -49,8 +51,8 @@ async def completions(body: CompletionRequest, server: ServerState = Depends(ser
     return await openai_response(server, body, generation, response, "text_completion")
 
 
-@router.post("/v1/embeddings")
-@router.post("/v1/openai/embeddings")
+@router.post("/v1/embeddings", responses=declared(EmbeddingList))
+@router.post("/v1/openai/embeddings", responses=declared(EmbeddingList))
 async def embeddings(body: EmbeddingRequest, server: ServerState = Depends(server_state)):
     embedding = server.model(body.model).embedding(body.input, server.settings.pooling, server.settings.normalize,
                                                    body.dimensions)
@@ -60,7 +62,7 @@ async def embeddings(body: EmbeddingRequest, server: ServerState = Depends(serve
     data = [{"object": "embedding", "index": i, "embedding": encode_vector(vector, body.encoding_format)}
             for i, vector in enumerate(vectors)]
     return {"object": "list", "data": data, "model": body.model,
-            "usage": {"prompt_tokens": embedding.tokens, "total_tokens": embedding.tokens}}
+            "usage": {"prompt_tokens": embedding.prompt_tokens, "total_tokens": embedding.prompt_tokens}}
 
 
 def encode_vector(vector, encoding_format: str):

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..decoding.params import MAX_STOP_STRINGS, RULES
-from ..embedding import MIN_DIMENSIONS
+from ..embedding import MAX_DIMENSIONS, MIN_DIMENSIONS
 
 
 def sampling_field(name: str, default=..., *, low=None, high=None, description: str | None = None):
@@ -105,6 +105,6 @@ class EmbeddingRequest(BaseModel):
         description="a text, a list of texts, a list of token ids, or a list of id lists; at most 2048 inputs")
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: each vector's little-endian float32 bytes, as the openai client asks by default")
-    dimensions: int | None = Field(None, ge=MIN_DIMENSIONS, description="fewer than the model's hidden size cuts "
+    dimensions: int | None = Field(None, ge=MIN_DIMENSIONS, le=MAX_DIMENSIONS, description="fewer than the model's hidden size cuts "
                                    "the vector (normalised again), more pads it with zeros")
     user: str | None = None

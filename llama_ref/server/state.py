@@ -12,6 +12,7 @@ from fastapi import Request
 
 from .engine import GB, Busy, Engine
 from .errors import APIError
+from .metrics import Metrics
 
 RESERVED_MEMORY = 2 * GB    # left to the OS, the Python heap and the activations
 
@@ -21,6 +22,7 @@ class ServerSettings:
     served_model_name: str = "default"                       # the name of a single model given to create_app
     aliases: dict[str, str] = field(default_factory=dict)   # alias -> served model name
     api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()                       # browser origins allowed to call; none by default
     price_per_mtoken: float = 0.0                            # dollars per million tokens, for estimated_cost
     max_batch: int = 8                                       # sequences decoded together
     max_queue: int = 8                                       # requests waiting for a place in the batch
@@ -62,6 +64,7 @@ class ServerState:
         self.engines = {name: Engine(model, settings.max_batch, settings.max_queue, share,
                                      int(settings.prefix_cache_mb * (1 << 20))) for name, model in models.items()}
         self.names = {*models, *settings.aliases}
+        self.metrics = Metrics(self.engines)
         self.webhooks: set = set()          # running deliveries, kept referenced until they finish
         self.server_errors = 0              # requests that failed on our side (middleware.ServerErrors)
 
@@ -91,7 +94,13 @@ class ServerState:
         except Busy as err:
             raise APIError(503, f"the server is busy: {err}; retry shortly", None, "overloaded", "server_error",
                            {"Retry-After": "1"}) from None
-        return engine.events(ticket)
+        self.metrics.admitted(work.prompt_tokens)
+        return self.metrics.timed(engine.events(ticket))
+
+    @property
+    def ready(self) -> bool:
+        """Every model loaded (they are, once the app exists) and each would take a request now."""
+        return all(engine.accepting for engine in self.engines.values())
 
 
 def server_state(request: Request) -> ServerState:
