@@ -115,7 +115,7 @@ def build_weights(tensors: dict[str, StoredTensor], config: ModelConfig, gptq: G
         parts = {meta: tensors[p + hf + ".weight"].to_float32() if hf.endswith("layernorm") else linear(p + hf)
                  for hf, meta in LAYER_NAMES.items()}
         layers.append(fuse_projections(Layer(**parts)))
-    embedding = tensors["model.embed_tokens.weight"]
+    embedding = tensors["model.embed_tokens.weight"].dense()
     output = DenseLinear(embedding) if config.tie_word_embeddings else linear("lm_head")
     return Weights(tok_embeddings=embedding, layers=tuple(layers),
                    norm=tensors["model.norm.weight"].to_float32(), output=output)

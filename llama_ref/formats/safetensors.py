@@ -42,13 +42,20 @@ class StoredTensor:
     def shape(self) -> tuple[int, ...]:
         return self.data.shape
 
+    def dense(self) -> "StoredTensor":
+        """This tensor, refused unless its storage is one the dense kernels widen."""
+        if self.dtype not in DENSE_STORAGE:
+            raise CheckpointError(f"tensor {self.name}: dtype {self.dtype}, where one of "
+                                  f"{', '.join(DENSE_STORAGE)} is needed")
+        return self
+
     def rows(self, ids) -> np.ndarray:
         """Rows of a 2-D tensor, widened: an embedding lookup.  (len(ids), columns) float32."""
         return widen_numpy(self.data[ids], self.dtype)
 
     def to_float32(self) -> np.ndarray:
         """A float32 copy: for the small tensors only (norms, biases)."""
-        return widen_numpy(self.data, self.dtype)
+        return widen_numpy(self.dense().data, self.dtype)
 
 
 def read_safetensors(path: str | Path) -> dict[str, StoredTensor]:
@@ -67,14 +74,29 @@ def read_safetensors(path: str | Path) -> dict[str, StoredTensor]:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON object was expected)")
     header.pop("__metadata__", None)
     data_start = 8 + header_len
     mapped = np.memmap(path, dtype=np.uint8, mode="r") if file_size > data_start else None
     return {name: _view(path, mapped, data_start, file_size, name, info) for name, info in header.items()}
 
 
+def _entry(path, name, info) -> tuple[str, tuple[int, ...], int, int]:
+    """dtype, shape, begin, end of a header entry, each of the type and sign the format
+    requires (a corrupt header may hold anything)."""
+    def naturals(value, count=None) -> bool:
+        return isinstance(value, list) and (count is None or len(value) == count) and \
+            all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and naturals(info.get("shape"))
+            and naturals(info.get("data_offsets"), 2) and info["data_offsets"][0] <= info["data_offsets"][1]):
+        raise CheckpointError(f"{path}: tensor {name}: a header entry needs a dtype, a shape of sizes and "
+                              f"two ascending data_offsets, got {str(info)[:200]}")
+    return info["dtype"], tuple(info["shape"]), *info["data_offsets"]
+
+
 def _view(path, mapped, data_start, file_size, name, info) -> StoredTensor:
-    dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    dtype, shape, begin, end = _entry(path, name, info)
     if dtype not in DTYPES:
         raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, which is not supported")
     np_dtype = np.dtype(DTYPES[dtype])
