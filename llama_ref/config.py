@@ -144,7 +144,10 @@ def _reject_unsupported(raw: dict, source: str) -> None:
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{source}: hidden_act={act!r}; only 'silu' (SwiGLU) is supported")
-    method = (raw.get("quantization_config") or {}).get("quant_method", "gptq")
+    quantization = raw.get("quantization_config") or {}
+    if not isinstance(quantization, dict):
+        raise ConfigError(f"{source}: quantization_config must be an object, got {json.dumps(quantization)[:40]}")
+    method = quantization.get("quant_method", "gptq")
     if method != "gptq":
         raise ConfigError(f"{source}: quantization_config has quant_method={method!r}; only GPTQ is supported")
     partial = raw.get("partial_rotary_factor", 1.0)

@@ -12,13 +12,15 @@
   rotate-half pairs (i, i + d/2) to interleaved pairs (2i, 2i + 1); the permutation is
   undone here (nn/rope.interleaved_to_half), so the forward pass is the same as for HF files.
 """
+import mmap
+import struct
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from ..config import ModelConfig, RopeScaling
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, LlamaRefError
 from ..kernels.ggml import BLOCK, BLOCK_BYTES, MATMUL_KINDS
 from ..kernels.gptq import block_columns, block_groups, pack_rows
 from ..nn.linear import DenseLinear, GGUFLinear, GPTQLinear
@@ -142,18 +144,123 @@ def vector(tensor) -> np.ndarray:
 
 
 def load_gguf(path: str | Path) -> tuple[ModelConfig, Weights, Tokenizer]:
+    """Config, weights and tokenizer of a GGUF file. A file the gguf package cannot parse, or
+    whose metadata has the wrong types or sizes, is a CheckpointError naming the file and
+    what the parser said (tests/test_checkpoint_fuzz.py mutates files to find these)."""
     path = Path(path)
     try:
-        reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from None
+        return read_gguf(path)
+    except LlamaRefError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError, MemoryError) as err:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Each tensor's (out, in) shape, or (n,), from the config; layer tensors by their name after "blk.N."."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    return {"attn_norm.weight": (hidden,), "ffn_norm.weight": (hidden,), "attn_q.weight": (q, hidden),
+            "attn_k.weight": (kv, hidden), "attn_v.weight": (kv, hidden), "attn_output.weight": (hidden, q),
+            "ffn_gate.weight": (inter, hidden), "ffn_up.weight": (inter, hidden), "ffn_down.weight": (hidden, inter),
+            "token_embd.weight": (config.vocab_size, hidden), "output.weight": (config.vocab_size, hidden),
+            "output_norm.weight": (hidden,)}
+
+
+def check_data_regions(reader: gguf.GGUFReader, path: Path) -> None:
+    """Every tensor's bytes lie inside the file and apart from every other tensor's, as a
+    writer lays them out (the gguf package checks neither)."""
+    size = len(reader.data)
+    regions = sorted((t.data_offset, t.data_offset + t.n_bytes, t.name) for t in reader.tensors)
+    for (start, end, name), following in zip(regions, regions[1:] + [(size, size, None)]):
+        if end > size:
+            raise CheckpointError(f"{path}: tensor {name} ends at byte {end}, past the end of the file ({size})")
+        if end > following[0]:
+            raise CheckpointError(f"{path}: tensors {name} and {following[2]} overlap")
+
+
+# GGUF's value types: their sizes in bytes (8: string, 9: array are read as such).
+SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+MAX_ARRAY = 1 << 22        # items of one metadata array: real vocabularies and merge lists have < 1M
+MAX_DIMS = 4
+
+
+def check_structure(path: Path) -> None:
+    """Walk the header, metadata and tensor table with every length and count checked against
+    the bytes left, before the gguf package parses them: a corrupt count makes it build a
+    Python object per claimed item, which takes minutes and gigabytes for a file of kilobytes."""
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        at = 0
+
+        def take(fmt: str):
+            nonlocal at
+            size = struct.calcsize("<" + fmt)
+            if at + size > len(data):
+                raise CheckpointError(f"{path}: the header ends early, at byte {at}")
+            values = struct.unpack_from("<" + fmt, data, at)
+            at += size
+            return values[0] if len(values) == 1 else values
+
+        def string(what: str) -> None:
+            nonlocal at
+            length = take("Q")
+            if length > len(data) - at:
+                raise CheckpointError(f"{path}: {what} claims {length} bytes at byte {at}; {len(data) - at} are left")
+            at += length
+
+        def value(kind: int, what: str) -> None:
+            nonlocal at
+            if kind == 8:
+                string(what)
+            elif kind == 9:
+                item, count = take("IQ")
+                if count > MAX_ARRAY or count * SCALAR_BYTES.get(item, 8) > len(data) - at:
+                    raise CheckpointError(f"{path}: {what} claims {count} items at byte {at}")
+                if item in SCALAR_BYTES:
+                    at += count * SCALAR_BYTES[item]
+                else:
+                    for _ in range(count):
+                        value(item, what)
+            elif kind in SCALAR_BYTES:
+                at += SCALAR_BYTES[kind]
+            else:
+                raise CheckpointError(f"{path}: {what} has value type {kind}, which GGUF does not define")
+
+        if take("4s") != b"GGUF":
+            raise CheckpointError(f"{path}: not a GGUF file (no GGUF magic)")
+        version, tensor_count, kv_count = take("IQQ")
+        if version not in (2, 3) or tensor_count > len(data) // 24 or kv_count > len(data) // 12:
+            raise CheckpointError(f"{path}: GGUF version {version} with {tensor_count} tensors and {kv_count} "
+                                  "metadata entries cannot be read")
+        for i in range(kv_count):
+            string(f"metadata key {i}")
+            value(take("I"), f"metadata entry {i}")
+        for i in range(tensor_count):
+            string(f"tensor {i}'s name")
+            dims = take("I")
+            if not 1 <= dims <= MAX_DIMS:
+                raise CheckpointError(f"{path}: tensor {i} has {dims} dimensions")
+            take(f"{dims}QIQ")
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, Weights, Tokenizer]:
+    check_structure(path)
+    reader = gguf.GGUFReader(path)
     config = gguf_config(reader, str(path))
     tensors = {t.name: t for t in reader.tensors}
+    check_data_regions(reader, path)
+    shapes = expected_shapes(config)
 
     def get(name):
         if name not in tensors:
             raise CheckpointError(f"{path}: tensor {name} is missing")
-        return tensors[name]
+        tensor = tensors[name]
+        shape = tuple(int(d) for d in tensor.shape[::-1])                 # GGUF lists dimensions innermost first
+        expected = shapes[name.split(".", 2)[-1] if name.startswith("blk.") else name]
+        if shape != expected:
+            raise CheckpointError(f"{path}: tensor {name} has shape {list(shape)}, the metadata makes it "
+                                  f"{list(expected)}")
+        return tensor
     layers = []
     for i in range(config.num_hidden_layers):
         parts = {}

@@ -47,13 +47,15 @@ class GPTQConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str) -> "GPTQConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: must be a JSON object, got {json.dumps(raw)[:40]}")
         method = raw.get("quant_method", "gptq")
         if method != "gptq":
             raise ConfigError(f"{source}: quant_method={method!r}; only GPTQ checkpoints are supported")
         if raw.get("is_marlin_format"):
             raise ConfigError(f"{source}: is_marlin_format=true; the Marlin repacking is not supported")
         fmt = raw.get("format") or raw.get("checkpoint_format") or "gptq"
-        if fmt not in FORMATS:
+        if not isinstance(fmt, str) or fmt not in FORMATS:
             raise ConfigError(f"{source}: format={fmt!r}; supported: {', '.join(FORMATS)}")
         bits = raw.get("bits", raw.get("w_bit", 4))
         if bits != 4:
