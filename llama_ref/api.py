@@ -12,6 +12,7 @@ from .config import ModelConfig
 from .decoding.chat import format_chat
 from .decoding.generation import Generation
 from .decoding.params import MAX_STOP_STRINGS, SamplingParams
+from .decoding.tools import parse_tools
 from .embedding import Embedding, split_inputs
 from .errors import ContextLengthError, LlamaRefError
 from .formats.gguf_file import load_gguf
@@ -66,17 +67,21 @@ class Model:
                          normalize, dimensions)
 
     def chat(self, messages, params=None, chat_format: str | None = None, reject_control_strings: bool = False,
-             trace: bool = False):
+             trace: bool = False, tools=None, tool_choice=None, parallel_tool_calls: bool = True):
         """generate() on the prompt decoding/chat.format_chat builds for `messages` ([{"role", "content"}]):
         the model's own template, else its architecture's default format, unless chat_format
         names one. The format's own stop strings (airoboros, chatml) join params.stop, up to
-        the limit of 16."""
+        the limit of 16. tools, tool_choice, parallel_tool_calls: as OpenAI's (decoding/tools.py);
+        the calls come as Choice.tool_calls and TokenEvent.tool_calls."""
         if self.tokenizer is None:
-            raise LlamaRefError("messages: this model has no tokenizer to format a chat with", "messages")
+            param = "tools" if tools else "messages"
+            raise LlamaRefError(f"{param}: this model has no tokenizer to format a chat with", param)
         params = params or SamplingParams()
-        prompt = format_chat(messages, self.tokenizer, self.config.architecture, chat_format, reject_control_strings)
+        use = parse_tools(tools, tool_choice, parallel_tool_calls)
+        prompt = format_chat(messages, self.tokenizer, self.config.architecture, chat_format, reject_control_strings,
+                             use)
         stops = tuple(dict.fromkeys(params.stop + prompt.stop))[:MAX_STOP_STRINGS]
-        return Generation(self, prompt.ids, replace(params, stop=stops), trace)
+        return Generation(self, prompt.ids, replace(params, stop=stops), trace, use)
 
     def forward(self, tokens, start_pos: int, cache: KVCache) -> np.ndarray:
         """Logits (len(tokens), vocab_size) float32 for tokens at positions start_pos.. ."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .api import load_model
 from .decoding.params import PROFILES, RULES, SamplingParams, sampling_params
+from .decoding.tools import CHOICES, parse_tools
 from .decoding.trace import explain, format_trace, plot_trace
 from .embedding import POOLINGS
 from .errors import CheckpointError, ConfigError, InputFileError, LlamaRefError
@@ -48,31 +49,53 @@ def prompt_ids(model, args) -> list[int]:
     return model.tokenizer.encode(args.prompt, bos=model.tokenizer.add_bos, eos=False)
 
 
-def start_generation(model, args, params: SamplingParams):
-    """--chat / --system: the prompt as one user message in the model's chat format;
+def json_file(path: str | None, flag: str):
+    """The JSON a --tools or --json-schema file holds (None when the flag is not given)."""
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputFileError(f"{flag} {path}: not a readable JSON file ({err})", flag) from None
+
+
+def tool_choice(value: str):
+    """--tool-choice: none, auto, required, or a function's name (OpenAI's named choice)."""
+    return value if value in CHOICES else {"type": "function", "function": {"name": value}}
+
+
+def start_generation(model, args, params: SamplingParams, tools=None):
+    """--chat / --system / --tools: the prompt as one user message in the model's chat format;
     otherwise raw text (BOS added when the tokenizer asks) or ids."""
-    if args.chat or args.system is not None:
+    if args.chat or args.system is not None or tools is not None:
         if args.prompt is None:
             raise LlamaRefError("--chat: needs --prompt text, not --prompt-ids")
         system = [] if args.system is None else [{"role": "system", "content": args.system}]
-        return model.chat(system + [{"role": "user", "content": args.prompt}], params)
+        return model.chat(system + [{"role": "user", "content": args.prompt}], params, tools=tools,
+                          tool_choice=tool_choice(args.tool_choice) if tools else None)
     return model.generate(prompt_ids(model, args), params)
 
 
 def cmd_generate(args) -> None:
-    params = sampling_params(args)  # reject bad parameters and ids before the model loads
+    # Reject bad parameters, ids and files before the model loads.
+    schema, tools = json_file(args.json_schema, "--json-schema"), json_file(args.tools, "--tools")
+    structured = {} if schema is None else {"response_format": "json_schema", "json_schema": schema}
+    params = sampling_params(args, **structured)
+    if tools is not None:
+        parse_tools(tools, tool_choice(args.tool_choice))
     if args.prompt_ids is not None:
         parse_ids(args.prompt_ids)
     started = time.perf_counter()
     model = load_model(args.model)
     loaded = time.perf_counter()
-    generation = start_generation(model, args, params)
+    generation = start_generation(model, args, params, tools)
     # Text in, text out; ids in, ids out (the end-of-sequence id included); --json: one event a line.
     for event in generation:
         if args.json:
             print(json.dumps({"token_id": event.token_id, "text": event.text, "delta": event.delta,
                               "logprob": event.logprob, "special": event.special,
-                              "finish_reason": event.finish_reason}, ensure_ascii=False), flush=True)
+                              "finish_reason": event.finish_reason,
+                              "tool_calls": [vars(d) for d in event.tool_calls]}, ensure_ascii=False), flush=True)
         else:
             print(event.delta if args.prompt_ids is None else f"{event.token_id} ", end="", flush=True)
     done = time.perf_counter()
@@ -80,9 +103,13 @@ def cmd_generate(args) -> None:
     choice = result.choices[0]
     if args.json:
         print(json.dumps({"text": choice.text, "finish_reason": choice.finish_reason, "seed": choice.seed,
+                          "tool_calls": [vars(c) for c in choice.tool_calls],
                           "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
                          ensure_ascii=False))
         return
+    for call in choice.tool_calls:     # a call's deltas are not text: the calls are printed whole
+        print(json.dumps({"id": call.id, "name": call.name, "arguments": json.loads(call.arguments)}
+                         if choice.finish_reason == "tool_calls" else vars(call), ensure_ascii=False))
     print()
     print(f"[load {loaded - started:.2f} s, {len(choice.tokens)} tokens in {done - loaded:.2f} s, "
           f"finish: {choice.finish_reason}, seed: {choice.seed}]", file=sys.stderr)
@@ -380,6 +407,10 @@ def main(argv=None) -> int:
     gen.add_argument("--chat", action="store_true", help="format --prompt as a user message in the model's chat format")
     gen.add_argument("--system", help="a system message (implies --chat)")
     gen.add_argument("--json", action="store_true", help="one JSON event per line, then a summary line")
+    gen.add_argument("--tools", metavar="FILE", help="OpenAI's tools list, as JSON (implies --chat); the calls are "
+                     "printed as JSON lines")
+    gen.add_argument("--tool-choice", default="auto", help="with --tools: none, auto, required, or a function's name")
+    gen.add_argument("--json-schema", metavar="FILE", help="a JSON Schema the answer must validate against")
     gen.set_defaults(run=cmd_generate)
     audit = commands.add_parser("explain", help="what each sampling stage does to one step's distribution")
     add_prompt_arguments(audit)

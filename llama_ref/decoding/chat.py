@@ -17,10 +17,14 @@ Formats (docs/spec/sampling.md §15):
                apply_chat_template renders it
 
 Conversations (the provider's rule: "(user, assistant, tool)*, user, including one system
-message anywhere"), decided here for the built-in formats:
-- at most one system message, anywhere but last. In llama-2 and mistral it is folded into
-  the user turn that follows it (at the front that is Meta's and Mistral's own behaviour);
-  chatml renders it in place; airoboros uses it instead of the "A chat." preamble.
+message anywhere"; OpenAI and llama.cpp accept several), decided here for the built-in formats:
+- system messages anywhere but last. In llama-2 and mistral they are folded into the user
+  turn that follows (at the front that is Meta's and Mistral's own behaviour), several
+  joined in order by a blank line; chatml renders each in place; airoboros joins them
+  instead of the "A chat." preamble.
+- content: a string, or OpenAI's list of text parts, joined by newlines.
+- an assistant message's tool_calls render as the calls form of decoding/tools.py; a tool
+  message answering one (tool_call_id) as "Tool result (name, id): {content}".
 - a tool message (a tool's result) is input to the model, like a user message: it may follow
   an assistant or tool message; in llama-2 and mistral its text "Tool result: {content}"
   joins the user turn it belongs to ("\n\n" between consecutive user-side messages); chatml
@@ -43,6 +47,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import LlamaRefError
 from ..tokenizer import Tokenizer
+from .tools import ToolUse
 
 FORMATS = ("llama-2", "mistral", "chatml", "airoboros", "template")
 ROLES = ("system", "user", "assistant", "tool")
@@ -70,32 +75,41 @@ class ChatPrompt:
 
 
 def check_messages(messages, reject_control_strings: bool = False) -> list[dict]:
-    """The rules above; each error names the message and the rule."""
+    """The rules above; each error names the message and the rule. Returns the messages with
+    their content as one string (text parts joined by newlines), an assistant's tool calls
+    as `tool_calls` [{"id", "name", "arguments"}] and a tool message's call as `tool_call`."""
     if not messages:
         raise ChatFormatError("messages: at least one message is needed")
-    checked, previous, system_at = [], None, None
+    checked, previous, calls = [], None, {}
     for i, message in enumerate(messages):
-        role, content = message.get("role"), message.get("content")
+        if not isinstance(message, dict):
+            raise ChatFormatError(f"messages[{i}]: must be an object with role and content")
+        role = message.get("role")
         if role not in ROLES:
             raise ChatFormatError(f"messages[{i}].role: must be one of {', '.join(ROLES)}, got {role!r}")
-        if not isinstance(content, str):
-            raise ChatFormatError(f"messages[{i}].content: must be a string, got {type(content).__name__}")
+        tool_calls = message_calls(message, i) if role == "assistant" else []
+        content = message_text(message.get("content"), i, allow_none=bool(tool_calls))
         if reject_control_strings:
             for tag in CONTROL_STRINGS:
                 if tag in content:
                     raise ChatFormatError(f"messages[{i}].content: contains {tag!r}; special tags are not allowed "
                                           "as part of the prompt")
-        if role == "system":
-            if system_at is not None:
-                raise ChatFormatError(f"messages[{i}]: a second system message (the first is messages[{system_at}]); "
-                                      "at most one is allowed")
-            system_at = i
-        elif previous not in ALLOWED_AFTER[role]:
-            after = "the start of the conversation" if previous is None else f"a {previous} message"
-            raise ChatFormatError(f"messages[{i}].role: a {role} message cannot follow {after}")
-        else:
+        entry = {"role": role, "content": content}
+        if role != "system":
+            if previous not in ALLOWED_AFTER[role]:
+                after = "the start of the conversation" if previous is None else f"{article(previous)} message"
+                raise ChatFormatError(f"messages[{i}].role: {article(role)} message cannot follow {after}")
             previous = role
-        checked.append({"role": role, "content": content})
+        if role == "assistant":
+            calls = {call["id"]: call for call in tool_calls}
+            entry["tool_calls"] = tool_calls
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if calls and call_id not in calls:
+                raise ChatFormatError(f"messages[{i}].tool_call_id: {call_id!r} is not the id of a call of the "
+                                      f"assistant message before it ({', '.join(calls)})", "messages")
+            entry["tool_call"] = calls.get(call_id)
+        checked.append(entry)
     if checked[-1]["role"] == "system":
         raise ChatFormatError(f"messages[{len(checked) - 1}]: a system message must be followed by a user message")
     if previous not in ("user", "tool"):
@@ -104,21 +118,81 @@ def check_messages(messages, reject_control_strings: bool = False) -> list[dict]
     return checked
 
 
+def article(role: str | None) -> str:
+    return f"an {role}" if role == "assistant" else f"a {role}"
+
+
+def message_text(content, i: int, allow_none: bool = False) -> str:
+    """A message's content as one string: a string, or OpenAI's list of parts of which only
+    text parts are taken ([{"type": "text", "text": ...}], joined by newlines, as vLLM does)."""
+    if content is None and allow_none:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ChatFormatError(f"messages[{i}].content: must be a string or a list of text parts, got "
+                              f"{type(content).__name__}")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise ChatFormatError(f"messages[{i}].content[{j}].type: only text parts are supported, got {kind!r}")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def message_calls(message: dict, i: int) -> list[dict]:
+    """An assistant message's tool_calls as [{"id", "name", "arguments" (parsed)}]."""
+    calls = message.get("tool_calls") or []
+    checked = []
+    for j, call in enumerate(calls if isinstance(calls, list) else [None]):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ChatFormatError(f"messages[{i}].tool_calls[{j}]: must be {{'id': ..., 'type': 'function', "
+                                  "'function': {'name': ..., 'arguments': ...}}")
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except (TypeError, json.JSONDecodeError):
+            raise ChatFormatError(f"messages[{i}].tool_calls[{j}].function.arguments: must be a JSON object as "
+                                  "text") from None
+        checked.append({"id": call.get("id") or f"call_{i}_{j}", "name": function["name"], "arguments": arguments})
+    return checked
+
+
+def calls_text(calls: list[dict]) -> str:
+    """An assistant's tool calls as the model writes them (the form decoding/tools.py enforces)."""
+    return json.dumps({"tool_calls": [{"name": c["name"], "arguments": c["arguments"]} for c in calls]},
+                      ensure_ascii=False, separators=(", ", ": "))
+
+
+def said(message: dict, tool_label: str = "Tool result: ") -> str:
+    """What a message says in a built-in format: its content, an assistant's calls, or a tool
+    result, labelled with the call it answers ("Tool result (name, id): ...") or else with
+    tool_label (chatml's role line already says "tool": no label)."""
+    if message.get("tool_calls"):
+        return calls_text(message["tool_calls"])
+    call = message.get("tool_call")
+    if message["role"] == "tool":
+        return f"Tool result ({call['name']}, {call['id']}): {message['content']}" if call else \
+            tool_label + message["content"]
+    return message["content"]
+
+
 def turns(messages: list[dict], system_prefix) -> list[tuple[str, str | None]]:
     """[(user-side text, answer)] with the last answer None: consecutive user and tool
-    messages joined, a system message put in front of the next user-side text by
-    system_prefix(system, text)."""
+    messages joined, system messages (joined in order) put in front of the next user-side
+    text by system_prefix(system, text)."""
     result, user_side, system = [], [], None
     for message in messages:
-        role, content = message["role"], message["content"]
+        role, content = message["role"], said(message)
         if role == "system":
-            system = content
+            system = content if system is None else system + "\n\n" + content
             continue
         if role == "assistant":
             result.append(("\n\n".join(user_side), content))
             user_side = []
             continue
-        text = content if role == "user" else f"Tool result: {content}"
+        text = content
         if system is not None and not user_side:
             text, system = system_prefix(system, text), None
         user_side.append(text)
@@ -169,7 +243,7 @@ def chatml(messages: list[dict], tokenizer: Tokenizer) -> ChatPrompt:
     """<|im_start|>role\\ncontent<|im_end|>\\n per message, then the assistant's header."""
     pieces = []
     for message in messages:
-        pieces += [("<|im_start|>", True), (f"{message['role']}\n", False), (message["content"], False),
+        pieces += [("<|im_start|>", True), (f"{message['role']}\n", False), (said(message, tool_label=""), False),
                    ("<|im_end|>", True), ("\n", False)]
     pieces += [("<|im_start|>", True), ("assistant\n", False)]
     return encode_pieces(tokenizer, pieces, stop=CHATML_STOPS)
@@ -178,8 +252,8 @@ def chatml(messages: list[dict], tokenizer: Tokenizer) -> ChatPrompt:
 def airoboros(messages: list[dict], tokenizer: Tokenizer) -> ChatPrompt:
     """airoboros 2.x as its authors' servers build it (AIRO lmoe/api.py)."""
     label = {"user": "USER: ", "assistant": "ASSISTANT: ", "tool": "TOOL: "}
-    system = next((m["content"] for m in messages if m["role"] == "system"), "A chat.")
-    lines = [system] + [label[m["role"]] + m["content"].strip() for m in messages if m["role"] != "system"]
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or "A chat."
+    lines = [system] + [label[m["role"]] + said(m, tool_label="").strip() for m in messages if m["role"] != "system"]
     text = "\n".join(lines + ["ASSISTANT: "])
     return ChatPrompt(tuple(tokenizer.encode(text, bos=tokenizer.add_bos, eos=False)),
                       ("<s>" if tokenizer.add_bos else "") + text, AIROBOROS_STOPS)
@@ -210,7 +284,8 @@ def _strftime_now(format_string):
     return datetime.now().strftime(format_string)
 
 
-def render_template(template: str, messages: list[dict], tokenizer: Tokenizer, add_generation_prompt=True) -> str:
+def render_template(template: str, messages: list[dict], tokenizer: Tokenizer, add_generation_prompt=True,
+                    tools: list[dict] | None = None) -> str:
     """As transformers' apply_chat_template(tokenize=False): a sandboxed, immutable jinja2
     environment with trim_blocks and lstrip_blocks, the globals raise_exception and
     strftime_now, a tojson filter that keeps non-ASCII, and the special tokens as variables."""
@@ -224,12 +299,26 @@ def render_template(template: str, messages: list[dict], tokenizer: Tokenizer, a
                for name in ("bos", "eos", "unk", "pad") if getattr(tokenizer, f"{name}_id") is not None}
     try:
         return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                tools=tools,
                                                 **{f"{name}_token": piece for name, piece in special.items()})
     except jinja2.exceptions.TemplateError as err:
         raise ChatFormatError(f"chat template: {err}") from None
 
 
-def own_template(messages: list[dict], tokenizer: Tokenizer) -> ChatPrompt:
+def template_message(message: dict) -> dict:
+    """A checked message in the shape templates read (transformers': OpenAI's tool_calls with
+    the arguments as an object, and tool_call_id)."""
+    shaped = {"role": message["role"], "content": message["content"]}
+    if message.get("tool_calls"):
+        shaped["tool_calls"] = [{"id": c["id"], "type": "function", "function": {"name": c["name"],
+                                                                               "arguments": c["arguments"]}}
+                                for c in message["tool_calls"]]
+    if message.get("tool_call"):
+        shaped["tool_call_id"], shaped["name"] = message["tool_call"]["id"], message["tool_call"]["name"]
+    return shaped
+
+
+def own_template(messages: list[dict], tokenizer: Tokenizer, tools: ToolUse | None = None) -> ChatPrompt:
     """The model's template, rendered; in the text, the control tokens the template wrote
     become ids and the rest is plain text. A message whose content itself contains a control
     token's text is refused: in the rendered string it could not be told from the template's
@@ -243,7 +332,8 @@ def own_template(messages: list[dict], tokenizer: Tokenizer) -> ChatPrompt:
             if piece in message["content"]:
                 raise ChatFormatError(f"messages[{i}].content: contains {piece!r}, a control token of this model's "
                                       "template; choose a built-in chat_format to send it as text")
-    text = render_template(tokenizer.chat_template, messages, tokenizer)
+    text = render_template(tokenizer.chat_template, [template_message(m) for m in messages], tokenizer,
+                           tools=None if tools is None else [tool.openai() for tool in tools.tools])
     if not controls:
         return ChatPrompt(tuple(tokenizer.encode_text(text)), text)
     split = re.split("(" + "|".join(map(re.escape, sorted(controls, key=len, reverse=True))) + ")", text)
@@ -267,10 +357,18 @@ def choose_format(tokenizer: Tokenizer, architecture: str, chat_format: str | No
 
 
 def format_chat(messages, tokenizer: Tokenizer, architecture: str = "LlamaForCausalLM", chat_format: str | None = None,
-                reject_control_strings: bool = False) -> ChatPrompt:
-    """The prompt for `messages` ([{"role": ..., "content": ...}]) in the chosen format."""
+                reject_control_strings: bool = False, tools: ToolUse | None = None) -> ChatPrompt:
+    """The prompt for `messages` ([{"role": ..., "content": ...}]) in the chosen format. With
+    tools, tools.system_prompt() is a system message after the leading ones (and a template
+    also gets the tools as its `tools` variable)."""
     checked = check_messages(messages, reject_control_strings)
-    return BUILT_IN[choose_format(tokenizer, architecture, chat_format)](checked, tokenizer)
+    chosen = choose_format(tokenizer, architecture, chat_format)
+    if tools is not None:
+        at = next((i for i, m in enumerate(checked) if m["role"] != "system"), 0)
+        checked.insert(at, {"role": "system", "content": tools.system_prompt()})
+    if chosen == "template":
+        return own_template(checked, tokenizer, tools)
+    return BUILT_IN[chosen](checked, tokenizer)
 
 
 def encode_native_input(tokenizer: Tokenizer, text: str) -> list[int]:

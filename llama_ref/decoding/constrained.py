@@ -1,19 +1,28 @@
-"""JSON mode (`response_format: {"type": "json_object"}`): decoding constrained so that the
-response is one valid JSON object, closed before the token budget runs out.
+"""Constrained decoding: JSON mode (`response_format: {"type": "json_object"}`), JSON Schema
+outputs and tool calls (an OutputGrammar each), closed before the token budget runs out.
 
 Two parts, applied to the logits before the sampler (so greedy decoding is constrained too):
 - the grammar: llguidance (a maintained Rust library with Python bindings, CPU only) computes,
-  for the text so far, the set of tokens that keep it a prefix of a JSON object; every other
-  token gets logit -inf. Once the object is complete, only end-of-sequence is allowed.
-- the budget: `closing_text` reads the JSON so far and returns the shortest text that closes
-  it (an open string's quote, a missing value, the brackets and braces). When the tokens
-  left are no more than that text's length plus one (for end-of-sequence), only tokens whose
-  text is a prefix of it stay allowed; each shortens it, so the object closes in time.
+  for the text so far, the set of tokens that keep it a prefix of what the grammar allows;
+  every other token gets logit -inf. Once a JSON value is complete, only end-of-sequence is
+  allowed (tools' free-text branch may go on: end-of-sequence is one more choice there).
+- the budget: the grammar's closing rule (`closing_text` for JSON mode; for a schema, the
+  schema's own shortest completion, json_schema.py) gives the shortest text that finishes
+  the answer so far (an open string's quote, a missing value, required keys, the brackets
+  and braces). When the tokens left are no more than its length plus one (for
+  end-of-sequence), only tokens whose text is a prefix of it stay allowed; each shortens
+  it, so the answer closes in time. Where the rule finds no completion the grammar allows,
+  the grammar alone decides (the answer may then end with "length").
 """
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
 from ..errors import LlamaRefError
 from ..tokenizer import Tokenizer
+from .json_schema import Completer, schema_grammar
 
 
 class ConstraintError(LlamaRefError):
@@ -89,31 +98,73 @@ def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
     return [b"" if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
 
 
-class JSONObjectConstraint:
-    """Masks logits so that the generated text is a JSON object; see the module docstring."""
+@dataclass(frozen=True)
+class OutputGrammar:
+    """What an answer must be: an llguidance grammar, and the rule for the shortest text that
+    completes a prefix of it (for the token budget)."""
+    grammar: str
+    closing: Callable[[str], str | None]   # None: no budget rule applies to this text
+    param: str                          # the request field that asked for it, named in errors
+    end_when_complete: bool = True      # a complete value ends the answer (JSON); tools' free text goes on
+    growth: int = 16                    # the most one token can lengthen the closing text (an upper bound)
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: set[int]):
-        try:
-            import llguidance
-        except ImportError:
-            raise ConstraintError("response_format: JSON mode needs the llguidance package") from None
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self.eos_ids = sorted(eos_ids)
+
+def json_object_grammar() -> OutputGrammar:
+    """JSON mode: any JSON object, closed by closing_text."""
+    import llguidance
+    return OutputGrammar(llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}'), closing_text,
+                         "response_format")
+
+
+def json_schema_grammar(schema) -> OutputGrammar:
+    """response_format json_schema: a value valid under `schema`, closed by its own shortest completion."""
+    completer = Completer(schema)
+    return OutputGrammar(schema_grammar(schema), completer.complete, "response_format", growth=completer.growth())
+
+
+_LL_TOKENIZERS = weakref.WeakKeyDictionary()
+# Characters that open, close or separate JSON structure, or lengthen a number's closing: a
+# token without them cannot lengthen the closing text by more than SLACK characters (a
+# literal's first letter: "f" turns a pending "0" into "alse").
+STRUCTURAL = set('"{}[],:\\.+-')
+SLACK = 4
+
+
+def ll_tokenizer(tokenizer: Tokenizer):
+    """llguidance's view of the vocabulary (made once per tokenizer: seconds for a large one),
+    and each token's text."""
+    if tokenizer not in _LL_TOKENIZERS:
+        import llguidance
         pieces = token_bytes(tokenizer)
-        self.pieces = [p.decode("utf-8", "replace") for p in pieces]
         # llguidance (like llama.cpp) marks a token that adds no text by 0xFF + its name.
         named = [p or b"\xff" + tokenizer.id_to_piece(i).encode() for i, p in enumerate(pieces)]
-        wrapper = _Wrapper(tokenizer, named, self.eos_ids[0])
+        eos = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+        wrapper = _Wrapper(tokenizer, named, eos)
         lltokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(wrapper))
         # llguidance needs token ids whose bytes spell exactly the text it asks for; a
         # SentencePiece encoding starts with a dummy-prefix space, so its own greedy
         # tokenization (valid, if not canonical) serves instead.
         wrapper.encode = lltokenizer.greedy_tokenize
-        self.matcher = llguidance.LLMatcher(lltokenizer,
-                                            llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}'))
+        texts = [p.decode("utf-8", "replace") for p in pieces]
+        _LL_TOKENIZERS[tokenizer] = (lltokenizer, texts, np.array([not STRUCTURAL & set(t) for t in texts]))
+    return _LL_TOKENIZERS[tokenizer]
+
+
+class GrammarConstraint:
+    """Masks logits so that the generated text follows an OutputGrammar; see the module docstring."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: set[int], output: OutputGrammar):
+        try:
+            import llguidance
+        except ImportError:
+            raise ConstraintError("response_format: constrained decoding needs the llguidance package") from None
+        self.vocab_size = vocab_size
+        self.eos_ids = sorted(eos_ids)
+        self.output = output
+        lltokenizer, self.pieces, self.plain = ll_tokenizer(tokenizer)
+        self.matcher = llguidance.LLMatcher(lltokenizer, output.grammar)
         if self.matcher.is_error():
-            raise ConstraintError(f"response_format: {self.matcher.get_error()}")
+            raise ConstraintError(f"{output.param}: {self.matcher.get_error()}", output.param)
         self.text = ""
         self.closing = False
 
@@ -123,24 +174,38 @@ class JSONObjectConstraint:
         mask = np.unpackbits(bits, bitorder="little")[:self.vocab_size].astype(bool)
         mask = np.pad(mask, (0, self.vocab_size - mask.size))
         if self.matcher.is_accepting():
-            mask[:] = False
+            if self.output.end_when_complete:
+                mask[:] = False
             mask[self.eos_ids] = True
-            return mask
-        closing = closing_text(self.text)
-        # Once the budget is down to the closing text (+1 for end-of-sequence), only tokens that
-        # write its beginning are allowed, to the end: each one shortens it by a character or more.
-        self.closing = self.closing or tokens_left <= len(closing) + 1
+            if self.output.end_when_complete:
+                return mask
+        closing = self.output.closing(self.text)
+        if closing is None:
+            return mask                     # no rule applies (tools' free text, or auto before it chooses)
+        # Near the end of the budget (the closing text + SLACK + the most one token can add to
+        # it), no token may open structure the closing does not already hold: only its beginning
+        # or plain text. Once down to the closing text itself (+1 for end-of-sequence), only its
+        # beginning, to the end: each such token shortens it by a character or more.
+        self.closing = self.closing or tokens_left <= len(closing) + 1 + SLACK
         if self.closing:
-            mask &= np.array([bool(p) and closing.startswith(p) for p in self.pieces], dtype=bool)
-        return mask
+            limited = mask & self.starts(closing)
+        elif tokens_left <= len(closing) + 1 + SLACK + self.output.growth:
+            limited = mask & (self.starts(closing) | self.plain)
+        else:
+            return mask
+        return limited if limited.any() else mask   # none: the rule found no way the grammar allows
+
+    def starts(self, closing: str) -> np.ndarray:
+        """The tokens whose text begins `closing`."""
+        return np.array([bool(p) and closing.startswith(p) for p in self.pieces], dtype=bool)
 
     def apply(self, logits: np.ndarray, tokens_left: int) -> np.ndarray:
         return np.where(self.allowed(tokens_left), logits, -np.inf).astype(logits.dtype)
 
     def accept(self, token: int) -> None:
         if not self.matcher.consume_token(token):
-            raise ConstraintError(f"response_format: token {token} broke the JSON grammar "
-                                  f"({self.matcher.get_error()})")
+            raise ConstraintError(f"{self.output.param}: token {token} broke the grammar "
+                                  f"({self.matcher.get_error()})", self.output.param)
         self.text += self.pieces[token]
 
 

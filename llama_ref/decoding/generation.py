@@ -10,6 +10,7 @@ A Generation does not run the model itself: it says which chunks it needs next (
 and takes their logits (`take`). A decoding.batch.Batch runs those chunks, alone when the
 generation is iterated, or together with other requests' in the server.
 """
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,10 +19,12 @@ from ..errors import ContextLengthError
 from ..tokenizer import IncrementalDetokenizer
 from ..nn.transformer import Chunk
 from .batch import Batch
-from .constrained import JSONObjectConstraint
+from .constrained import GrammarConstraint, OutputGrammar, json_object_grammar, json_schema_grammar
+from .json_schema import Completer
 from .params import SamplingParams, SamplingParamsError
 from .sampling import Sampler
-from .stopping import EOS, LENGTH, STOP_SEQUENCE, ResponseText
+from .stopping import EOS, LENGTH, STOP_SEQUENCE, TOOL_CALLS, ResponseText
+from .tools import CallStream, ToolCall, ToolCallDelta, ToolUse
 from .trace import SamplingTrace
 
 
@@ -34,8 +37,9 @@ class TokenEvent:
     logprob: float                               # under the final sampling distribution
     top_logprobs: tuple[tuple[int, float], ...]  # params.top_logprobs most likely (id, logprob)
     delta: str                                   # what it adds to the response text: stop strings cut, held back while they might match, flushed at the end
-    finish_reason: str | None                    # on the last event of a response: "eos_token", "stop_sequence" or "length"
+    finish_reason: str | None                    # on the last event of a response: "eos_token", "stop_sequence", "length" or "tool_calls"
     trace: SamplingTrace | None = None           # with generate(..., trace=True)
+    tool_calls: tuple[ToolCallDelta, ...] = ()   # with tools: what this token adds to the calls (delta is then "")
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Choice:
     finish_reason: str
     tokens: tuple[TokenEvent, ...]  # one per generated token, EOS included
     seed: int | None                # the seed of response 0 (response i drew with seed + i); None when greedy
+    tool_calls: tuple[ToolCall, ...] = ()   # with tools, when the answer is calls (text is then "")
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ class Response:
     """One of the n responses: its sampler, detokenizer and text, advanced a token at a time."""
 
     def __init__(self, index: int, model, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
-                 trace: bool):
+                 trace: bool, output: OutputGrammar | None, tools: ToolUse | None):
         self.index = index
         self.tokenizer = model.tokenizer
         self.eos_ids = set(model.config.eos_token_ids) | ({self.tokenizer.eos_id} if self.tokenizer else set())
@@ -78,8 +83,9 @@ class Response:
         self.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
         self.text = ResponseText(params.stop)
         self.max_new_tokens = max_new_tokens
-        self.constraint = JSONObjectConstraint(self.tokenizer, model.config.vocab_size, self.eos_ids) \
-            if params.response_format == "json_object" else None
+        self.constraint = None if output is None else \
+            GrammarConstraint(self.tokenizer, model.config.vocab_size, self.eos_ids, output)
+        self.calls = None if tools is None else CallStream(tools)
         self.ignore_eos = params.ignore_eos
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
@@ -89,7 +95,7 @@ class Response:
         if self.ignore_eos:               # the end-of-sequence ids are not candidates (spec: ignore_eos)
             logits = logits.copy()
             logits[list(self.eos_ids)] = -np.inf
-        if self.constraint is not None:   # JSON mode: only tokens that keep the text a JSON object
+        if self.constraint is not None:   # only tokens the grammar allows (JSON, a schema, tool calls)
             logits = self.constraint.apply(logits, self.max_new_tokens - len(self.token_ids))
         sample = self.sampler.sample(logits)
         token = sample.token_id
@@ -99,17 +105,25 @@ class Response:
         special = self.tokenizer is not None and self.tokenizer.is_special(token)
         piece = self.detokenizer.add(token) if self.detokenizer else ""
         if token in self.eos_ids:                                   # step 12(a)
-            self.finish_reason = EOS
-            delta = self.text.finish(self.flush())
+            self.finish_reason = TOOL_CALLS if self.calls is not None and self.calls.branch == "calls" else EOS
+            content, calls = self.route(self.flush())
+            delta = self.text.finish(content)
         else:
-            delta = self.text.add(piece)                            # step 12(b), 13
+            content, calls = self.route(piece)
+            delta = self.text.add(content)                          # step 12(b), 13
             if self.text.stopped:
                 self.finish_reason = STOP_SEQUENCE
             elif len(self.token_ids) == self.max_new_tokens:       # step 12(c)
-                delta += self.text.finish(self.flush())             # step 14
+                content, more = self.route(self.flush())
+                delta += self.text.finish(content)                  # step 14
+                calls += more
                 self.finish_reason = STOP_SEQUENCE if self.text.stopped else LENGTH
         return TokenEvent(self.index, token, self.tokenizer.id_to_piece(token) if special else piece, special,
-                          sample.logprob, sample.top_logprobs, delta, self.finish_reason, sample.trace)
+                          sample.logprob, sample.top_logprobs, delta, self.finish_reason, sample.trace, tuple(calls))
+
+    def route(self, text: str) -> tuple[str, list[ToolCallDelta]]:
+        """With tools, text goes to the calls or stays content (tools.CallStream); else it is content."""
+        return (text, []) if self.calls is None else self.calls.add(text)
 
     def flush(self) -> str:
         return self.detokenizer.flush() if self.detokenizer else ""
@@ -119,7 +133,7 @@ class Generation:
     """Iterate for the events; `result()` for the folded completion (it runs whatever the
     iteration has not)."""
 
-    def __init__(self, model, prompt_ids, params: SamplingParams, trace: bool = False):
+    def __init__(self, model, prompt_ids, params: SamplingParams, trace: bool = False, tools: ToolUse | None = None):
         self.model = model
         self.params = params
         self.prompt_ids = [int(i) for i in prompt_ids]
@@ -130,13 +144,18 @@ class Generation:
         if params.response_format != "text" and model.tokenizer is None:
             raise SamplingParamsError("response_format: JSON mode needs the model's tokenizer, and this model has none",
                                       "response_format")
+        if tools is not None and (params.response_format != "text" or params.ignore_eos):
+            field = "response_format" if params.response_format != "text" else "ignore_eos"
+            raise SamplingParamsError(f"{field}: cannot be combined with tools (a tool call is its own format and "
+                                      "ends with end-of-sequence)", field)
         room = model.config.context_length - len(self.prompt_ids)
         if room < 0:
             raise ContextLengthError(f"prompt: {len(self.prompt_ids)} tokens do not fit in the model's context of "
                                      f"{model.config.context_length} tokens", "prompt")
         # Past the context the response ends with "length", as when max_new_tokens is reached.
         self.max_new_tokens = room if params.max_new_tokens is None else min(params.max_new_tokens, room)
-        self.responses = [Response(i, model, self.prompt_ids, params, self.max_new_tokens, trace)
+        output = output_grammar(params, tools)
+        self.responses = [Response(i, model, self.prompt_ids, params, self.max_new_tokens, trace, output, tools)
                           for i in range(params.n)]
         self.events: list[TokenEvent] = []
         self.caches: list = []          # response i's KV cache (one, the prompt's, until it is prefilled)
@@ -233,5 +252,17 @@ class Generation:
         for response in self.responses:
             tokens = tuple(e for e in self.events if e.index == response.index)
             choices.append(Choice(response.index, "".join(e.delta for e in tokens), response.finish_reason or LENGTH,
-                                  tokens, self.seed))
+                                  tokens, self.seed, response.calls.calls() if response.calls else ()))
         return Completion(tuple(self.prompt_ids), tuple(choices))
+
+
+def output_grammar(params: SamplingParams, tools: ToolUse | None) -> OutputGrammar | None:
+    """The grammar an answer must follow: the tool-call form, a JSON object, a schema, or none."""
+    if tools is not None:
+        return OutputGrammar(tools.grammar(), tools.closing, "tools", end_when_complete=False,
+                             growth=Completer(tools.calls_schema()).growth())
+    if params.response_format == "json_object":
+        return json_object_grammar()
+    if params.response_format == "json_schema":
+        return json_schema_grammar(json.loads(params.json_schema))
+    return None

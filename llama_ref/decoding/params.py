@@ -6,16 +6,18 @@ validates against it; the server's request schemas (server/schemas.py) and the C
 temperature ≤ 2) but never widening it. A rule's range covers both the native and the
 OpenAI-compatible APIs' ranges (docs/spec/api.md), and the Python API accepts all of it.
 """
+import json
 from dataclasses import dataclass, fields
 
 from ..errors import LlamaRefError
+from .json_schema import check_schema
 
 MAX_STOP_STRINGS = 16
 # Longer than any stop sequence in use, and short enough that holding back a possible match
 # while streaming stays cheap: a 1 MB stop string was accepted and searched at every token.
 MAX_STOP_LENGTH = 1000
 PROFILES = ("reference", "hf", "vllm", "llama.cpp")
-RESPONSE_FORMATS = ("text", "json_object")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
 
 class SamplingParamsError(LlamaRefError, ValueError):
@@ -82,7 +84,8 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = RULES["top_logprobs"].default
     profile: str = "reference"
-    response_format: str = "text"     # "text" | "json_object" (constrained decoding, constrained.py)
+    response_format: str = "text"     # "text" | "json_object" | "json_schema" (constrained.py)
+    json_schema: str | None = None    # with "json_schema": the schema, as JSON text (a dict is accepted)
     ignore_eos: bool = False          # never sample end-of-sequence (benchmarks: an exact output length)
 
     def __post_init__(self):
@@ -92,6 +95,7 @@ class SamplingParams:
         check_stop(self.stop)
         check_choice("profile", self.profile, PROFILES)
         check_choice("response_format", self.response_format, RESPONSE_FORMATS)
+        check_json_schema(self)
         check_profile(self)
         if self.ignore_eos and self.response_format != "text":
             raise SamplingParamsError("ignore_eos: JSON mode ends a response with end-of-sequence, so the two "
@@ -116,6 +120,23 @@ def check_stop(stop: tuple) -> None:
 def check_choice(name: str, value, choices: tuple) -> None:
     if value not in choices:
         raise SamplingParamsError(f"{name} must be one of {', '.join(choices)}; got {value!r}", name)
+
+
+def check_json_schema(params: SamplingParams) -> None:
+    """json_schema goes with response_format "json_schema" only, and must be a schema the
+    grammar engine enforces (json_schema.check_schema); kept as JSON text."""
+    if (params.response_format == "json_schema") != (params.json_schema is not None):
+        raise SamplingParamsError("json_schema: given exactly when response_format is 'json_schema'", "json_schema")
+    if params.json_schema is None:
+        return
+    schema = params.json_schema
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as err:
+            raise SamplingParamsError(f"json_schema: not valid JSON ({err})", "json_schema") from None
+    check_schema(schema, "json_schema")
+    object.__setattr__(params, "json_schema", json.dumps(schema, ensure_ascii=False))
 
 
 def check_profile(params: SamplingParams) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 EOS = "eos_token"
 STOP_SEQUENCE = "stop_sequence"
 LENGTH = "length"
+TOOL_CALLS = "tool_calls"     # the answer is tool calls, ended by end-of-sequence (decoding/tools.py)
 
 
 def find_stop(text: str, stops: tuple[str, ...], new_chars: int) -> int | None:

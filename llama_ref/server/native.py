@@ -17,7 +17,7 @@ from ..decoding.generation import Generation
 from ..decoding.params import sampling_params
 from .errors import APIError, ending_with_error
 from .responses import NativeResponse, NativeStreamEvent, declared
-from .schemas import NativeRequest
+from .schemas import NativeRequest, response_format_params
 from .state import ServerState, request_id, server_state
 
 log = logging.getLogger("llama_ref.server")
@@ -30,7 +30,7 @@ async def native(model_name: str, body: NativeRequest, server: ServerState = Dep
     model = server.model(model_name)
     if body.stream and body.num_responses > 1:
         raise APIError(400, "num_responses: must be 1 when stream is true", "num_responses")
-    params = sampling_params(body, n=body.num_responses, response_format=body.response_format.type)
+    params = sampling_params(body, n=body.num_responses, **response_format_params(body.response_format))
     generation = Generation(model, encode_native_input(model.tokenizer, body.input), params)
     events, started, rid = server.admitted(generation), time.perf_counter(), request_id()
     if body.stream:

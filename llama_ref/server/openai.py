@@ -6,17 +6,18 @@ import time
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends
+from pydantic import BaseModel
 from sse_starlette.sse import EventSourceResponse
 
 from ..decoding.params import SamplingParams, sampling_params
 from .errors import APIError, ending_with_error
 from .responses import (ChatCompletion, ChatCompletionChunk, EmbeddingList, ModelList, TextCompletion,
                         declared)
-from .schemas import ChatRequest, CompletionRequest, EmbeddingRequest, OpenAIRequest
+from .schemas import ChatRequest, CompletionRequest, EmbeddingRequest, OpenAIRequest, response_format_params
 from .state import ServerState, request_id, server_state
 
 router = APIRouter()
-OPENAI_FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+OPENAI_FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length", "tool_calls": "tool_calls"}
 
 
 @router.get("/v1/models", responses=declared(ModelList))
@@ -29,11 +30,16 @@ async def models(server: ServerState = Depends(server_state)):
 @router.post("/v1/chat/completions", responses=declared(ChatCompletion, ChatCompletionChunk))
 @router.post("/v1/openai/chat/completions", responses=declared(ChatCompletion, ChatCompletionChunk))
 async def chat(body: ChatRequest, server: ServerState = Depends(server_state)):
-    if body.tools:
-        raise APIError(400, "tools: tool calls are not supported yet", "tools")
     model, params = server.model(body.model), openai_params(body)
-    generation = model.chat([m.model_dump(include={"role", "content"}) for m in body.messages], params)
-    response = ChatShape(request_id("chatcmpl-"), int(time.time()), body.model, body.logprobs, model.tokenizer)
+    if body.tools and body.response_format.type != "text":
+        raise APIError(400, "response_format: must be text with tools (a tool call is its own format)",
+                       "response_format")
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    tool_choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
+    generation = model.chat([m.model_dump(exclude_none=True) for m in body.messages], params, tools=tools,
+                            tool_choice=tool_choice, parallel_tool_calls=body.parallel_tool_calls)
+    response = ChatShape(request_id("chatcmpl-"), int(time.time()), body.model, body.logprobs, model.tokenizer,
+                         named_tool=isinstance(body.tool_choice, BaseModel))
     return await openai_response(server, body, generation, response, "chat.completion")
 
 
@@ -75,7 +81,7 @@ def encode_vector(vector, encoding_format: str):
 def openai_params(body: OpenAIRequest, **overrides) -> SamplingParams:
     if body.stream and body.n > 1:
         raise APIError(400, "n: must be 1 when stream is true", "n")
-    return sampling_params(body, max_new_tokens=body.max_tokens, response_format=body.response_format.type,
+    return sampling_params(body, max_new_tokens=body.max_tokens, **response_format_params(body.response_format),
                            **overrides)
 
 
@@ -98,7 +104,7 @@ async def openai_stream(server: ServerState, generation, events, response, inclu
     yield json.dumps({**head, "choices": [response.first_delta()]}, ensure_ascii=False)
     finished = False
     async for event in events:
-        if event.delta or response.logprobs:
+        if event.delta or event.tool_calls or response.logprobs:
             yield json.dumps({**head, "choices": [response.delta(event)]}, ensure_ascii=False)
         if event.finish_reason is not None:
             finished = True
@@ -129,7 +135,11 @@ class ChatShape:
     model: str
     logprobs: bool
     tokenizer: object
+    named_tool: bool = False        # tool_choice named a function: its call finishes with "stop", as OpenAI's does
     chunk_object: str = "chat.completion.chunk"
+
+    def finish_reason(self, reason: str) -> str:
+        return "stop" if reason == "tool_calls" and self.named_tool else OPENAI_FINISH[reason]
 
     def header(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
@@ -142,18 +152,28 @@ class ChatShape:
                             for e in events]}
 
     def choice(self, choice) -> dict:
-        return {"index": choice.index, "message": {"role": "assistant", "content": choice.text},
-                "logprobs": self.logprob_content(choice.tokens), "finish_reason": OPENAI_FINISH[choice.finish_reason]}
+        message = {"role": "assistant", "content": choice.text}
+        if choice.tool_calls:
+            message = {"role": "assistant", "content": choice.text or None, "tool_calls": [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in choice.tool_calls]}
+        return {"index": choice.index, "message": message, "logprobs": self.logprob_content(choice.tokens),
+                "finish_reason": self.finish_reason(choice.finish_reason)}
 
     def first_delta(self) -> dict:
         return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
     def delta(self, event) -> dict:
-        return {"index": event.index, "delta": {"content": event.delta}, "logprobs": self.logprob_content([event]),
-                "finish_reason": None}
+        delta = {"content": event.delta}
+        if event.tool_calls:
+            delta = {"tool_calls": [{"index": d.index, "id": d.id, "type": "function",
+                                     "function": {"name": d.name, "arguments": d.arguments}} if d.id else
+                                    {"index": d.index, "function": {"arguments": d.arguments}}
+                                    for d in event.tool_calls]}
+        return {"index": event.index, "delta": delta, "logprobs": self.logprob_content([event]), "finish_reason": None}
 
     def finish(self, index: int, finish_reason: str) -> dict:
-        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": OPENAI_FINISH[finish_reason]}
+        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": self.finish_reason(finish_reason)}
 
 
 @dataclass

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..decoding.json_schema import SchemaError, check_schema
 from ..decoding.params import MAX_STOP_STRINGS, RULES
 from ..embedding import MAX_DIMENSIONS, MIN_DIMENSIONS
 
@@ -24,9 +25,34 @@ def sampling_field(name: str, default=..., *, low=None, high=None, description: 
     return Field(rule.default if default is ... else default, **lower, le=high, description=description or rule.help)
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict | bool = Field(True, alias="schema", description="a JSON Schema (Draft 2020-12) the answer must "
+                                 "validate against; keywords the grammar engine cannot enforce are refused")
+    strict: bool | None = Field(None, description="accepted; the schema is always enforced")
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["text", "json_object"] = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JSONSchemaFormat | None = Field(None, description="with type json_schema")
+
+
+def response_format_params(response_format: ResponseFormat) -> dict:
+    """SamplingParams' response_format and json_schema for a request's response_format; an
+    invalid or unenforceable schema is a 400 naming its path under response_format.json_schema.schema."""
+    if response_format.type != "json_schema":
+        if response_format.json_schema is not None:
+            raise SchemaError("response_format.json_schema: given only with type json_schema",
+                              "response_format.json_schema")
+        return {"response_format": response_format.type}
+    if response_format.json_schema is None:
+        raise SchemaError("response_format.json_schema: required with type json_schema", "response_format.json_schema")
+    schema = response_format.json_schema.schema_
+    check_schema(schema, "response_format.json_schema.schema")
+    return {"response_format": "json_schema", "json_schema": schema}
 
 
 class StreamOptions(BaseModel):
@@ -34,12 +60,58 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description="only 'text' parts are supported")
+    text: str | None = None
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str = Field(description="a JSON object, as text")
+
+
+class AssistantToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: str | list[ContentPart] | None = Field(description="a string or a list of text parts; None only for "
+                                                    "an assistant message with tool_calls")
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None
     tool_call_id: str | None = None
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str | None = None
+    parameters: dict | None = Field(None, description="a JSON Schema of type object; none: no arguments")
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class Sampling(BaseModel):
@@ -85,8 +157,10 @@ class ChatRequest(OpenAIRequest):
     messages: list[Message] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int = sampling_field("top_logprobs")
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
+    tools: list[ToolDefinition] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools, none without")
+    parallel_tool_calls: bool = Field(True, description="false: at most one call per answer")
 
 
 class CompletionRequest(OpenAIRequest):
