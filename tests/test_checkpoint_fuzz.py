@@ -26,7 +26,7 @@ from conftest import make_checkpoint
 from test_gptq import write_gptq_checkpoint
 
 PROMPT = [5, 17, 99, 3, 250]
-EXAMPLES = int(os.environ.get("CHECKPOINT_FUZZ_EXAMPLES", 200))
+EXAMPLES = int(os.environ.get("CHECKPOINT_FUZZ_EXAMPLES", 120))
 DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "I8", "U8", "BOOL", "F8_E4M3", "", "f32"]
 NAMED = (CheckpointError, ConfigError, TokenizerError)
 

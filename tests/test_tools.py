@@ -348,7 +348,7 @@ def test_tool_choice_none_answers_in_text_with_the_tools_left_out(tiny):
 def test_a_random_model_is_held_to_the_form_whole_and_streamed(tiny, tool_choice, finish, max_tokens):
     client = openai.OpenAI(base_url=tiny.url + "/v1/openai", api_key="unused", max_retries=0)
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-    for seed in range(2):
+    for seed in range(2 if max_tokens < 100 else 1):
         request = dict(model="tiny", messages=[{"role": "user", "content": "go"}], tools=TOOLS, tool_choice=tool_choice,
                        max_tokens=max_tokens, seed=seed, temperature=1.0)
         whole = client.chat.completions.create(**request).choices[0]
