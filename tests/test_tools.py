@@ -420,6 +420,7 @@ MODES = {"required": ("required", "tool_calls"), "named": ("named", "stop"), "au
          "none": ("none", "stop")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_default_model_calls_validate_and_stream_as_they_finish(default, mode):
     client, schemas = default[1], {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
@@ -453,6 +454,7 @@ def test_default_model_calls_validate_and_stream_as_they_finish(default, mode):
                                                                    for kind, v in calls_by_kind.items() if v))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("branch", ["calls", "text"])
 def test_auto_forced_into_either_branch_finishes_as_that_branch_does(default, monkeypatch, branch):
     """The default model rarely starts an answer with "{" on its own (docs/server.md gives the
@@ -480,6 +482,7 @@ def test_auto_forced_into_either_branch_finishes_as_that_branch_does(default, mo
             assert choice.finish_reason in ("eos_token", "length") and choice.text.strip() and not choice.tool_calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ANSWER_SCHEMAS)
 def test_default_model_json_schema_answers_validate(default, name):
     schema = ANSWER_SCHEMAS[name]
