@@ -20,7 +20,6 @@ from ..tokenizer import IncrementalDetokenizer
 from ..nn.transformer import Chunk
 from .batch import Batch
 from .constrained import GrammarConstraint, OutputGrammar, json_object_grammar, json_schema_grammar
-from .json_schema import Completer
 from .params import SamplingParams, SamplingParamsError
 from .sampling import Sampler
 from .stopping import EOS, LENGTH, STOP_SEQUENCE, TOOL_CALLS, ResponseText
@@ -260,7 +259,7 @@ def output_grammar(params: SamplingParams, tools: ToolUse | None) -> OutputGramm
     """The grammar an answer must follow: the tool-call form, a JSON object, a schema, or none."""
     if tools is not None:
         return OutputGrammar(tools.grammar(), tools.closing, "tools", end_when_complete=False,
-                             growth=Completer(tools.calls_schema()).growth())
+                             growth=tools.completer.growth())
     if params.response_format == "json_object":
         return json_object_grammar()
     if params.response_format == "json_schema":

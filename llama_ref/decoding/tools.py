@@ -19,6 +19,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .json_schema import SEPARATORS, Completer, SchemaError, check_schema
 
@@ -137,7 +138,12 @@ class ToolUse:
         in auto until the answer starts the calls form, and for free text."""
         if self.choice == "auto" and not text.lstrip().startswith("{"):
             return None
-        return Completer(self.calls_schema()).complete(text)
+        return self.completer.complete(text)
+
+    @cached_property
+    def completer(self) -> Completer:
+        """The calls form's shortest completion, built once (closing runs at every token)."""
+        return Completer(self.calls_schema())
 
     def system_prompt(self) -> str:
         """The block that tells the model about the tools and the form the grammar enforces."""
