@@ -47,12 +47,14 @@ class Model:
                                      "max_seq_len")
         return KVCache(self.config, max_seq_len or limit)
 
-    def generate(self, prompt, params=None, trace: bool = False):
+    def generate(self, prompt, params=None, trace: bool = False, compare_profile: str | None = None):
         """Sample a response: iterate the returned Generation for one event per token, or
         call its result() for the whole completion.  prompt: raw text (BOS added when the
         tokenizer asks for it) or token ids, used as they are.  trace=True attaches the
-        sampler's audit trace to every event."""
-        return Generation(self, token_ids(self.tokenizer, prompt, "prompt"), params or SamplingParams(), trace)
+        sampler's audit trace to every event; compare_profile adds to it the same step under
+        that profile (SamplingTrace.compared)."""
+        return Generation(self, token_ids(self.tokenizer, prompt, "prompt"), params or SamplingParams(), trace,
+                          compare_profile=compare_profile)
 
     def embed(self, inputs, pooling: str = "mean", normalize: bool = True, dimensions: int | None = None) -> np.ndarray:
         """Embedding vectors (len(inputs), dimensions or hidden_size) float32: each input's final
@@ -67,7 +69,8 @@ class Model:
                          normalize, dimensions)
 
     def chat(self, messages, params=None, chat_format: str | None = None, reject_control_strings: bool = False,
-             trace: bool = False, tools=None, tool_choice=None, parallel_tool_calls: bool = True):
+             trace: bool = False, tools=None, tool_choice=None, parallel_tool_calls: bool = True,
+             compare_profile: str | None = None):
         """generate() on the prompt decoding/chat.format_chat builds for `messages` ([{"role", "content"}]):
         the model's own template, else its architecture's default format, unless chat_format
         names one. The format's own stop strings (airoboros, chatml) join params.stop, up to
@@ -81,7 +84,7 @@ class Model:
         prompt = format_chat(messages, self.tokenizer, self.config.architecture, chat_format, reject_control_strings,
                              use)
         stops = tuple(dict.fromkeys(params.stop + prompt.stop))[:MAX_STOP_STRINGS]
-        return Generation(self, prompt.ids, replace(params, stop=stops), trace, use)
+        return Generation(self, prompt.ids, replace(params, stop=stops), trace, use, compare_profile)
 
     def forward(self, tokens, start_pos: int, cache: KVCache) -> np.ndarray:
         """Logits (len(tokens), vocab_size) float32 for tokens at positions start_pos.. ."""

@@ -12,9 +12,10 @@ from pathlib import Path
 from .api import load_model
 from .decoding.params import PROFILES, RULES, SamplingParams, sampling_params
 from .decoding.tools import CHOICES, parse_tools
-from .decoding.trace import explain, format_trace, plot_trace
+from .decoding.trace import explanation, format_trace, playground_page, plot_trace, step_trace
 from .embedding import POOLINGS
 from .errors import CheckpointError, ConfigError, InputFileError, LlamaRefError
+from .files import atomic_output
 from .tokenizer import TokenizerError
 from .tools.assets import AssetError, default_model
 from .tools.bench import bench, format_report
@@ -226,10 +227,16 @@ def cmd_fetch(args) -> None:
 def cmd_explain(args) -> None:
     params = sampling_params(args)
     model = load_model(args.model)
-    trace = explain(model, prompt_ids(model, args), params, args.step)
-    print(format_trace(trace, model.tokenizer))
+    generation = model.generate(prompt_ids(model, args), params, trace=True, compare_profile=args.compare_profile)
+    events = [event for event in generation if event.index == 0]
+    trace = step_trace(events, args.step)
+    print("\n\n".join(format_trace(t, model.tokenizer) for t in (trace, trace.compared) if t is not None))
     if args.png:
         print(f"[plot saved to {plot_trace(trace, args.png, model.tokenizer)}]", file=sys.stderr)
+    if args.html:
+        with atomic_output(args.html) as part:
+            part.write_text(playground_page(explanation(generation, events, model.tokenizer)), encoding="utf-8")
+        print(f"[page saved to {args.html}]", file=sys.stderr)
 
 
 def cmd_conform(args) -> int:
@@ -301,6 +308,8 @@ SERVE_EXAMPLE = """
   client = OpenAI(base_url="{url}/v1/openai", api_key="unused")
   print(client.chat.completions.create(model="{name}", temperature=0,
         messages=[{{"role": "user", "content": "What is the capital of France?"}}]).choices[0].message.content)
+
+  the sampling playground: {url}/playground
 """
 
 
@@ -417,6 +426,9 @@ def main(argv=None) -> int:
     add_sampling_arguments(audit)
     audit.add_argument("--step", type=int, default=0, help="which generated token to explain (0 = the first)")
     audit.add_argument("--png", "--plot", dest="png", help="also save the stages as a bar chart (PNG)")
+    audit.add_argument("--compare-profile", choices=PROFILES, help="also show the same steps under this profile: "
+                       "the same logits, history and draw")
+    audit.add_argument("--html", metavar="FILE", help="also write every step as the playground's page, for sharing")
     audit.set_defaults(run=cmd_explain)
     chat = commands.add_parser("chat", help="talk to a model in the terminal", description=CHAT_HELP)
     chat.add_argument("--model", default="default", help="HF checkpoint directory, .gguf file, or 'default'")

@@ -28,6 +28,10 @@ def test_the_trace_follows_each_stage_of_one_step(checkpoint):
     assert counts[2] > counts[3] > counts[4] > counts[5] >= 1  # each filter removed something here
     assert trace.token_id in stages[-1][1] and trace.token_id in trace.candidates
     assert 0 <= trace.uniform < 1 and trace.seed == 5
+    final = stages[-1][1]                      # the draw's interval: survivors' shares laid out by ascending id
+    low = sum(q for i, q in final.items() if i < trace.token_id)
+    assert np.allclose(trace.interval, (low, low + final[trace.token_id]), rtol=0, atol=1e-12)
+    assert trace.interval[0] <= trace.uniform < trace.interval[1]
     json.dumps(trace.to_dict())
 
     table = format_trace(trace).splitlines()

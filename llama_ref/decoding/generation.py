@@ -74,11 +74,12 @@ class Response:
     """One of the n responses: its sampler, detokenizer and text, advanced a token at a time."""
 
     def __init__(self, index: int, model, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
-                 trace: bool, output: OutputGrammar | None, tools: ToolUse | None):
+                 trace: bool, output: OutputGrammar | None, tools: ToolUse | None, compare_profile: str | None):
         self.index = index
         self.tokenizer = model.tokenizer
         self.eos_ids = set(model.config.eos_token_ids) | ({self.tokenizer.eos_id} if self.tokenizer else set())
-        self.sampler = Sampler(params, prompt_ids, model.config.vocab_size, choice=index, trace=trace)
+        self.sampler = Sampler(params, prompt_ids, model.config.vocab_size, choice=index, trace=trace,
+                               compare_profile=compare_profile)
         self.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
         self.text = ResponseText(params.stop)
         self.max_new_tokens = max_new_tokens
@@ -132,9 +133,11 @@ class Generation:
     """Iterate for the events; `result()` for the folded completion (it runs whatever the
     iteration has not)."""
 
-    def __init__(self, model, prompt_ids, params: SamplingParams, trace: bool = False, tools: ToolUse | None = None):
+    def __init__(self, model, prompt_ids, params: SamplingParams, trace: bool = False, tools: ToolUse | None = None,
+                 compare_profile: str | None = None):
         self.model = model
         self.params = params
+        self.compare_profile = compare_profile if trace else None
         self.prompt_ids = [int(i) for i in prompt_ids]
         if not self.prompt_ids:
             raise ContextLengthError("prompt: at least one token is needed", "prompt")
@@ -154,8 +157,8 @@ class Generation:
         # Past the context the response ends with "length", as when max_new_tokens is reached.
         self.max_new_tokens = room if params.max_new_tokens is None else min(params.max_new_tokens, room)
         output = output_grammar(params, tools)
-        self.responses = [Response(i, model, self.prompt_ids, params, self.max_new_tokens, trace, output, tools)
-                          for i in range(params.n)]
+        self.responses = [Response(i, model, self.prompt_ids, params, self.max_new_tokens, trace, output, tools,
+                                   self.compare_profile) for i in range(params.n)]
         self.events: list[TokenEvent] = []
         self.caches: list = []          # response i's KV cache (one, the prompt's, until it is prefilled)
         self.prefilled = 0              # prompt positions held by the cache

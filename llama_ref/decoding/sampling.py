@@ -19,13 +19,13 @@ Every profile draws with the reference draw (step 10): no engine's RNG is reprod
 outside it (spec §10), so profiles reproduce the surviving set and the probabilities, not seeds.
 """
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 
 from ..nn.ops import log_softmax, softmax
-from .params import SamplingParams
+from .params import SamplingParams, SamplingParamsError
 from .trace import SamplingTrace, trace_of
 
 LLAMA_CPP_PENALTY_WINDOW = 64   # llama.cpp's default penalty_last_n
@@ -203,13 +203,16 @@ class Sample:
 
 class Sampler:
     """The sampler of one response (choice `choice` of n): its own RNG, made once, and the
-    ids seen so far (prompt, then each token passed to `accept`)."""
+    ids seen so far (prompt, then each token passed to `accept`). With trace, each Sample
+    carries the audit trace; with compare_profile too, that trace's `compared` is the same
+    step under that profile: the same logits, history and draw u (explain's side by side)."""
 
     def __init__(self, params: SamplingParams, prompt_ids, vocab_size: int, choice: int = 0,
-                 trace: bool = False):
+                 trace: bool = False, compare_profile: str | None = None):
         self.params = params
         self.choice = choice
         self.trace = trace
+        self.compared = None if compare_profile is None else compared_params(params, compare_profile)
         # A seed is reported even when none was given, so that any run can be replayed.
         self.seed = None if params.greedy else (params.seed if params.seed is not None else secrets.randbits(63))
         self.rng = None if params.greedy else np.random.Generator(np.random.PCG64(self.seed + choice))
@@ -227,28 +230,46 @@ class Sampler:
         self.seen[token] = True
         self.generated_counts[token] += 1
 
+    def stages(self, params: SamplingParams, logits: np.ndarray) -> list:
+        """Steps 2-9: [(None, the float64 logits), (stage, logits after it), ...]; penalties
+        always (steps 3-4), the filters only when sampling (steps 6-9)."""
+        penalties, filters = pipeline(params, self)
+        steps = [(None, logits.astype(np.float64))]                     # step 2
+        for stage in penalties + ([] if params.greedy else filters):
+            steps.append((stage, stage.apply(steps[-1][1])))
+        return steps
+
     def sample(self, logits: np.ndarray) -> Sample:
         """Steps 2-10 on one row of logits (vocab,); records the chosen token."""
-        z = logits.astype(np.float64)                                   # step 2
-        steps = [(None, z)]                                             # (stage, logits after it)
-        penalties, filters = pipeline(self.params, self)
-        for stage in penalties:                                         # steps 3-4
-            z = stage.apply(z)
-            steps.append((stage, z))
-        uniform = None
-        if self.params.greedy:
-            token = greedy(z)                                           # step 5
-        else:
-            for stage in filters:                                       # steps 6-9
-                z = stage.apply(z)
-                steps.append((stage, z))
-            uniform = self.rng.random()
-            token = draw(z, uniform)                                    # step 10
+        steps = self.stages(self.params, logits)
+        z = steps[-1][1]
+        uniform = None if self.params.greedy else self.rng.random()
+        token = choose(z, uniform)                                       # step 5 or 10
+        trace = None
+        if self.trace:
+            trace = trace_of(self.params.profile, self.seed, self.choice, steps, uniform, token)
+        if self.trace and self.compared is not None:       # before accept: the same history
+            other = self.stages(self.compared, logits)
+            trace = replace(trace, compared=trace_of(self.compared.profile, self.seed, self.choice, other, uniform,
+                                                     choose(other[-1][1], uniform)))
         self.accept(token)
         logprobs = log_softmax(z)
         # Only tokens the filters kept: a removed one has probability 0 (a -inf that JSON cannot
         # carry), so fewer than top_logprobs come back when fewer survive, as llama.cpp's do.
         best = np.argsort(-logprobs, kind="stable")[:self.params.top_logprobs] if self.params.top_logprobs else []
         best = [i for i in best if np.isfinite(logprobs[i])]
-        return Sample(token, float(logprobs[token]), tuple((int(i), float(logprobs[i])) for i in best),
-                      trace_of(self.params.profile, self.seed, self.choice, steps, uniform, token) if self.trace else None)
+        return Sample(token, float(logprobs[token]), tuple((int(i), float(logprobs[i])) for i in best), trace)
+
+
+def choose(logits: np.ndarray, uniform: float | None) -> int:
+    """Greedy (step 5) when there is no draw, else the inverse-CDF draw (step 10)."""
+    return greedy(logits) if uniform is None else draw(logits, uniform)
+
+
+def compared_params(params: SamplingParams, profile: str) -> SamplingParams:
+    """params under another profile, for a side-by-side trace; what that profile refuses is
+    an error naming compare_profile."""
+    try:
+        return replace(params, profile=profile)
+    except SamplingParamsError as err:
+        raise SamplingParamsError(f"compare_profile: {err}", "compare_profile") from err

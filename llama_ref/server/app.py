@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import native, openai
+from . import native, openai, playground
 from .errors import add_error_handlers, error_response
 from .middleware import BodyLimit, RequestLog, ServerErrors
 from .responses import Health, Ready
@@ -75,4 +75,5 @@ def create_app(settings: ServerSettings, models) -> FastAPI:
 
     app.include_router(native.router)
     app.include_router(openai.router)
+    app.include_router(playground.router)
     return app

@@ -226,6 +226,49 @@ class Ready(BaseModel):
     status: Literal["ready", "busy"]
 
 
+class TraceStage(BaseModel):
+    stage: str
+    setting: str
+    active: bool
+    survivors: int
+    logits: list[float | None]      # of the trace's candidates; None: removed (-inf)
+    probs: list[float]
+
+
+class StepTrace(BaseModel):
+    """decoding/trace.py SamplingTrace, with display labels."""
+    profile: str
+    seed: int | None
+    choice: int
+    candidates: list[int]
+    labels: list[str]               # the candidates as a person reads them ("␣Paris", "<0xE2>")
+    stages: list[TraceStage]
+    uniform: float | None
+    token_id: int
+    interval: list[float] | None    # [low, high): u falls in it (the chosen id's share, ids ascending)
+    chosen: str
+    compared: "StepTrace | None"
+
+
+class ExplainStep(BaseModel):
+    token_id: int
+    token: str
+    delta: str
+    trace: StepTrace
+
+
+class Explanation(BaseModel):
+    model: str
+    profile: str
+    compare_profile: str | None
+    seed: int | None
+    prompt_tokens: int
+    prompt: str | None
+    text: str
+    finish_reason: Literal["eos_token", "stop_sequence", "length"]
+    steps: list[ExplainStep]
+
+
 ERRORS = {400: "a value breaks a rule (the message and `param` name the field)",
           401: "the API key is missing or wrong (--api-key)", 404: "no such model",
           413: "the body is over --max-body-bytes", 503: "the queue is full; retry after Retry-After",

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..decoding.json_schema import SchemaError, check_schema
-from ..decoding.params import MAX_STOP_STRINGS, RULES
+from ..decoding.params import MAX_STOP_STRINGS, PROFILES, RULES
 from ..embedding import MAX_DIMENSIONS, MIN_DIMENSIONS
 
 
@@ -182,3 +182,18 @@ class EmbeddingRequest(BaseModel):
     dimensions: int | None = Field(None, ge=MIN_DIMENSIONS, le=MAX_DIMENSIONS, description="fewer than the model's hidden size cuts "
                                    "the vector (normalised again), more pads it with zeros")
     user: str | None = None
+
+
+MAX_EXPLAIN_TOKENS = 256   # every step's trace comes back in one body
+
+
+class ExplainRequest(Sampling):
+    """POST /v1/explain: one traced response, every step (an extension, docs/spec/api.md §6)"""
+    model: str
+    prompt: str | None = Field(None, description="a raw prompt, no template applied; give this or messages")
+    messages: list[Message] | None = Field(None, min_length=1, description="a chat, in the model's chat format")
+    max_tokens: int = sampling_field("max_new_tokens", 16, low=1, high=MAX_EXPLAIN_TOKENS)
+    temperature: float = sampling_field("temperature", high=2)
+    profile: Literal[PROFILES] = Field("reference", description="whose sampling pipeline (docs/spec/sampling.md)")
+    compare_profile: Literal[PROFILES] | None = Field(None, description="also trace each step under this profile, "
+                                                      "on the same logits and draw")
