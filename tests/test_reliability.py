@@ -78,15 +78,21 @@ def test_the_access_log_has_one_json_line_per_request_and_no_content(model, capl
             response = httpx.post(server.url + "/v1/completions", json={
                 "model": "tiny", "prompt": "SECRET PROMPT", "max_tokens": 3, "ignore_eos": True, "user": "SECRET USER"})
             missing = httpx.post(server.url + "/v1/nowhere", json={})
+            # A request's line is written once its response has gone out, which the client may see first.
+            wait_until(lambda: len(access_lines(caplog)) == 2, "an access log line is missing")
     finally:
         server.stop()
-    lines = [json.loads(record.getMessage()) for record in caplog.records if record.name == "llama_ref.access"]
+    lines = access_lines(caplog)
     assert lines[0] == {**lines[0], "request_id": response.headers["x-request-id"], "method": "POST",
                         "route": "/v1/completions", "status": 200, "prompt_tokens": response.json()["usage"]
                         ["prompt_tokens"], "completion_tokens": 3}
     assert lines[0]["duration_ms"] > 0
     assert lines[1]["route"] == "unmatched" and lines[1]["status"] == missing.status_code == 404
     assert "SECRET" not in caplog.text
+
+
+def access_lines(caplog) -> list[dict]:
+    return [json.loads(record.getMessage()) for record in caplog.records if record.name == "llama_ref.access"]
 
 
 def test_ready_turns_503_while_the_queue_is_full(model_dir):

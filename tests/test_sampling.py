@@ -112,6 +112,19 @@ def test_t3_tiny_temperature_is_exact_division():
     assert {sampler.sample(z).token_id for _ in range(50)} == {1}
 
 
+@pytest.mark.parametrize("z", [[3.0, 7.5, 7.5, -np.inf, 1.0], [-3.0, -0.5, -0.5, -9.0, -np.inf]])
+def test_a_temperature_so_small_that_z_over_t_overflows_takes_its_limit(z):
+    """Found by the fuzzer: T = 2.2e-309 made z / T infinite and the softmax NaN. The limit
+    T -> 0+ keeps the largest logits, equally likely; logits all negative overflow to -inf."""
+    z = np.array(z)
+    with np.errstate(all="raise"):
+        limit = apply_temperature(z, 2.2250738585072e-309)
+        assert np.array_equal(limit, [-np.inf, 0, 0, -np.inf, -np.inf])
+        for profile in ["reference", "hf", "llama.cpp"]:
+            sampler = Sampler(SamplingParams(temperature=2.2250738585072e-309, top_p=0.9, profile=profile, seed=1), [], 5)
+            assert {sampler.sample(z).token_id for _ in range(40)} == {1, 2}, profile
+
+
 @pytest.mark.parametrize("r, expected", [(2.0, [1, -4, 0.5, 1]), (0.5, [4, -1, 0.5, 1])])
 def test_r1_r2_repetition_penalty_over_prompt_and_generated(r, expected):
     z = np.array([2.0, -2.0, 0.5, 1.0])

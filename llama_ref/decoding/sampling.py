@@ -62,8 +62,15 @@ def greedy(logits: np.ndarray) -> int:
 
 # Step 6
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """z / T, no clamping."""
-    return logits if temperature == 1.0 else logits / temperature
+    """z / T, no clamping. A T so small that the largest z / T overflows float64 (T below about
+    1e-300) gives the limit T -> 0+ instead of NaN: the largest logits 0, every other -inf."""
+    if temperature == 1.0:
+        return logits
+    with np.errstate(over="ignore"):
+        scaled = logits / temperature
+    if np.isfinite(scaled.max()):
+        return scaled        # an id whose z / T alone overflowed to -inf has probability 0 either way
+    return np.where(logits == logits.max(), 0.0, -np.inf)
 
 
 # Step 7
