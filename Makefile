@@ -9,6 +9,7 @@ PROMPT_IDS ?=
 TOKENS ?= 32
 PORT ?= 8000
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 BENCH_ARGS ?=
 
 FUZZ_EXAMPLES ?= 500
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first: the CPU wheel on this kind of machine; later installs must not replace it.
 	$(PIP_INSTALL) torch==2.13.0
-	$(PIP_INSTALL) -e '.[test]'
+	$(PIP_INSTALL) -e '.[test,ray]'
 	# The GPTQ oracle for the tests: gptqmodel's metadata asks for a newer torch, so it goes in
 	# without its dependencies, beside the few it needs; the constraint keeps this torch.
 	echo "torch==2.13.0+cpu" > $(VENV)/constraints.txt
@@ -42,8 +43,10 @@ $(CHROMIUM):
 
 # pytest's own script, not `python -m pytest`: that would put the checkout on sys.path, where
 # kernels/ shadows the `kernels` distribution that transformers (>= 5.25) looks for and imports.
+# Two workers (pytest-xdist), a test file each at a time so that its module fixtures (servers,
+# checkpoints, a Ray cluster) are made once; TEST_WORKERS=0 runs in this process.
 test: $(STAMP) $(CHROMIUM)
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The fuzzer of the suite (tests/test_fuzz.py), with many more examples per route and mode.
 fuzz: $(STAMP)

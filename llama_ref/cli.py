@@ -351,19 +351,18 @@ def cmd_serve(args) -> None:
     api_key = args.api_key if args.api_key_file is None else read_text(args.api_key_file, "--api-key-file").strip()
     if api_key == "":
         raise LlamaRefError("--api-key-file: the file is empty")
+    settings = ServerSettings(aliases=aliases, api_key=api_key, price_per_mtoken=args.price_per_mtoken,
+                              max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                              kv_cache_gb=args.kv_cache_gb, prefix_cache_mb=args.prefix_cache_mb,
+                              pooling=args.pooling, normalize=args.normalize, cors_origins=tuple(args.cors_origin))
+    if args.ray:
+        return serve_ray(args, settings, paths)
     models = {}
     for name, path in paths.items():
         models[name] = load_model(path)
         if models[name].tokenizer is None:
             raise LlamaRefError(f"--model {path}: serving needs a tokenizer (tokenizer.model or tokenizer.json)")
-    settings = ServerSettings(aliases=aliases, api_key=api_key, price_per_mtoken=args.price_per_mtoken,
-                              max_batch=args.max_batch, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                              kv_cache_gb=args.kv_cache_gb, prefix_cache_mb=args.prefix_cache_mb,
-                              pooling=args.pooling, normalize=args.normalize, cors_origins=tuple(args.cors_origin))
-    url = f"http://{args.host}:{args.port}"
-    for name, path in paths.items():
-        print(f"serving {path} as '{name}' on {url}", file=sys.stderr)
-    print(SERVE_EXAMPLE.format(name=next(iter(paths)), url=url), file=sys.stderr, flush=True)
+    announce(args, paths)
     if args.access_log:
         access = logging.StreamHandler(sys.stderr)
         access.setFormatter(logging.Formatter("%(message)s"))
@@ -376,6 +375,35 @@ def cmd_serve(args) -> None:
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(create_app(settings, models), host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=args.shutdown_timeout)
+
+
+def announce(args, paths: dict[str, str]) -> None:
+    url = f"http://{args.host}:{args.port}"
+    for name, path in paths.items():
+        print(f"serving {path} as '{name}' on {url}", file=sys.stderr)
+    print(SERVE_EXAMPLE.format(name=next(iter(paths)), url=url), file=sys.stderr, flush=True)
+
+
+def serve_ray(args, settings, paths: dict[str, str]) -> None:
+    """`serve --ray`: replicas on Ray Serve behind one endpoint (llama_ref/deploy/ray_serve.py).
+    Each replica loads the models itself, from its own node's disk."""
+    try:
+        from .deploy.ray_serve import build_app, serve_on_ray
+    except ImportError as err:
+        raise LlamaRefError(f"--ray: Ray Serve is not installed ({err}); pip install 'llama-ref[ray]'") from None
+    autoscale = None
+    if args.autoscale:
+        low, sep, high = args.autoscale.partition(":")
+        if not (sep and low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high)):
+            raise LlamaRefError(f"--autoscale {args.autoscale!r}: expected MIN:MAX with 1 <= MIN <= MAX")
+        autoscale = (int(low), int(high))
+    if args.replicas < 1:
+        raise LlamaRefError(f"--replicas: must be at least 1, got {args.replicas}")
+    if "default" in paths.values():
+        default_model(progress=True)    # fetched once here; a replica on another node fetches its own
+    cpus = args.cpus_per_replica or max(1.0, (os.cpu_count() or 1) / (autoscale[1] if autoscale else args.replicas))
+    announce(args, paths)
+    serve_on_ray(build_app(settings, paths, args.replicas, autoscale, cpus), args.host, args.port, args.ray_address)
 
 
 def add_prompt_arguments(parser) -> None:
@@ -488,6 +516,17 @@ def main(argv=None) -> int:
                        "flight have to finish; no new connection is accepted meanwhile")
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                        help="one JSON line per request on stderr: id, route, status, tokens, duration; never content")
+    scale_out = serve.add_argument_group("scale-out on Ray Serve (pip install 'llama-ref[ray]'; docs/scale-out.md)")
+    scale_out.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve behind one endpoint, each "
+                     "loading the models itself; requests of one conversation go to the same replica")
+    scaling = scale_out.add_mutually_exclusive_group()
+    scaling.add_argument("--replicas", type=int, default=1, help="with --ray: this many replicas")
+    scaling.add_argument("--autoscale", metavar="MIN:MAX", help="with --ray: between MIN and MAX replicas, by the "
+                         "requests each has in flight (target: --max-batch)")
+    scale_out.add_argument("--ray-address", help="with --ray: a running cluster ('auto' finds the local one); default: "
+                     "start one in this process")
+    scale_out.add_argument("--cpus-per-replica", type=float, help="with --ray: CPUs Ray reserves for each replica, and its "
+                     "kernel threads (default: this machine's cores / replicas)")
     serve.set_defaults(run=cmd_serve)
     quant = commands.add_parser(
         "quantize", help="GPTQ (or round-to-nearest) 4-bit quantization into a standard GPTQ checkpoint",

@@ -74,6 +74,11 @@ class Engine:
         self._thread.start()
 
     @property
+    def alive(self) -> bool:
+        """The scheduler thread runs (it stops only on close, or on a bug that escaped it)."""
+        return self._thread.is_alive()
+
+    @property
     def in_flight(self) -> int:
         """Requests admitted and not yet done: running or waiting."""
         return len(self.waiting) + len(self.starting) + len(self.running)

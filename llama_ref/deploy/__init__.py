@@ -1,0 +1,1 @@
+"""Deployments beyond one process: `ray_serve` (the optional extra `[ray]`)."""
