@@ -48,9 +48,9 @@ class SamplingTrace:
     def to_dict(self) -> dict:
         """Plain JSON-serialisable data (-inf logits become None)."""
         data = asdict(self)
-        for trace in (data, data["compared"]):
-            for stage in trace["stages"] if trace else ():
-                stage["logits"] = [v if np.isfinite(v) else None for v in stage["logits"]]
+        data["stages"] = [{**stage, "logits": [v if np.isfinite(v) else None for v in stage["logits"]]}
+                          for stage in data["stages"]]
+        data["compared"] = self.compared.to_dict() if self.compared else None
         return data
 
 
@@ -119,12 +119,9 @@ def playground_page(data: dict | None = None) -> str:
 
 def trace_json(trace: SamplingTrace, tokenizer=None) -> dict:
     """trace.to_dict() with what a person reads: each candidate's label and the chosen one's."""
-    data = trace.to_dict()
-    for part, record in ((data, trace), (data["compared"], trace.compared)):
-        if part is not None:
-            part["labels"] = [display_token(i, tokenizer) for i in record.candidates]
-            part["chosen"] = display_token(record.token_id, tokenizer)
-    return data
+    return {**trace.to_dict(), "labels": [display_token(i, tokenizer) for i in trace.candidates],
+            "chosen": display_token(trace.token_id, tokenizer),
+            "compared": trace_json(trace.compared, tokenizer) if trace.compared else None}
 
 
 # Whitespace made visible; other control characters and bytes that are not whole UTF-8 are

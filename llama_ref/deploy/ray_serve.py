@@ -28,6 +28,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import FIFOMixin, RequestRouter
 
 from ..api import load_model
+from ..cli import served_models
 from ..server import ServerSettings, create_app
 from ..server.errors import error_body, is_native
 
@@ -191,8 +192,7 @@ def build_app(settings: ServerSettings, paths: dict[str, str], replicas: int | N
 def app_builder(args: dict):
     """For `serve run`: args "model" (NAME=PATH[,NAME=PATH...] or a path; default: "default"),
     "replicas" or "autoscale" ("MIN:MAX"), "cpus_per_replica", and any ServerSettings field."""
-    paths = dict(entry.partition("=")[::2] if "=" in entry else ("default", entry)
-                 for entry in str(args.get("model", "default")).split(","))
+    paths = served_models(str(args.get("model", "default")).split(","), "default")
     known = set(ServerSettings.__dataclass_fields__)
     settings = ServerSettings(**{k: v for k, v in args.items() if k in known})
     autoscale = tuple(int(n) for n in str(args["autoscale"]).split(":")) if "autoscale" in args else None
