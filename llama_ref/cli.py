@@ -313,26 +313,12 @@ SERVE_EXAMPLE = """
 """
 
 
-def served_models(entries: list[str], served_model_name: str) -> dict[str, str]:
-    """{served name: path} from --model values: NAME=PATH, or a bare PATH served as
-    --served-model-name."""
-    paths = {}
-    for entry in entries or ["default"]:
-        name, sep, path = entry.partition("=")
-        name, path = (name, path) if sep else (served_model_name, entry)
-        if not name or not path:
-            raise LlamaRefError(f"--model {entry!r}: expected PATH or NAME=PATH")
-        if name in paths:
-            raise LlamaRefError(f"--model {entry!r}: the name {name!r} is served twice")
-        paths[name] = path
-    return paths
-
-
 def cmd_serve(args) -> None:
     import uvicorn
     from sse_starlette.sse import AppStatus
 
     from .server import ServerSettings, create_app
+    from .server.state import served_models
     paths = served_models(args.model, args.served_model_name)
     aliases = {}
     for alias in args.alias:

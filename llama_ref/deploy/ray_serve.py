@@ -28,9 +28,9 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import FIFOMixin, RequestRouter
 
 from ..api import load_model
-from ..cli import served_models
 from ..server import ServerSettings, create_app
 from ..server.errors import error_body, is_native
+from ..server.state import served_models
 
 REPLICA_HEADER = "x-llama-ref-replica"      # which replica answered (its Ray replica id)
 AFFINITY_CHARS = 512                        # of a raw prompt, the part that names its conversation

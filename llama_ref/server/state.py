@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from ..errors import LlamaRefError
 from .engine import GB, Busy, Engine
 from .errors import APIError
 from .metrics import Metrics
@@ -32,6 +33,21 @@ class ServerSettings:
     prefix_cache_mb: float = 2048                            # kept prompt prefixes, inside kv_cache_gb
     pooling: str = "mean"                                    # embeddings: "mean" or "last" (llama_ref/embedding.py)
     normalize: bool = True                                   # embeddings: L2-normalised
+
+
+def served_models(entries: list[str], served_model_name: str) -> dict[str, str]:
+    """{served name: path} from --model values: NAME=PATH, or a bare PATH served as
+    --served-model-name."""
+    paths = {}
+    for entry in entries or ["default"]:
+        name, sep, path = entry.partition("=")
+        name, path = (name, path) if sep else (served_model_name, entry)
+        if not name or not path:
+            raise LlamaRefError(f"--model {entry!r}: expected PATH or NAME=PATH")
+        if name in paths:
+            raise LlamaRefError(f"--model {entry!r}: the name {name!r} is served twice")
+        paths[name] = path
+    return paths
 
 
 def physical_memory() -> int:
