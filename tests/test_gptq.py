@@ -19,11 +19,10 @@ os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 import llama_ref  # noqa: E402
 from llama_ref.errors import CheckpointError, ConfigError  # noqa: E402
 from llama_ref.formats.gptq import GPTQConfig, prepare_layer  # noqa: E402
-from llama_ref.kernels.convert import f16_to_f32_numpy  # noqa: E402
-from llama_ref.kernels.gptq import (RUN_INPUTS, X_LEVELS, activation_runs, block_columns, block_groups,  # noqa: E402
-                                    dequantize_numpy, gptq_matmul_small, gptq_matmul_tiled, matmul_small_numpy,
-                                    pack_columns, pack_rows, quantize_activations, quantize_activations_numpy,
-                                    unblock_columns, unblock_groups, unpack_columns, unpack_rows)
+from llama_ref.kernels.floatdot import PATH, make_dot_codes  # noqa: E402
+from llama_ref.kernels.gptq import (INPUT_SCALES, block_columns, block_groups, dequantize_numpy, gptq_matmul_small,  # noqa: E402
+                                    gptq_matmul_tiled, pack_columns, pack_rows, unblock_columns, unblock_groups,
+                                    unpack_columns, unpack_rows)
 from llama_ref.nn.linear import GPTQLinear, fuse, project  # noqa: E402
 from llama_ref.formats.safetensors import StoredTensor  # noqa: E402
 from conftest import _fetch, load_reference, make_checkpoint, relative_error  # noqa: E402
@@ -196,71 +195,67 @@ def test_kernels_equal_x_times_the_dequantized_weight(variant, n):
     out = w.shape[1]
     small = gptq_matmul_small(np.ascontiguousarray(xp), *args)
     check_product(small[:, :out], x, w, "small-batch kernel")
-    if packed.scale_storage == "F16":      # the same int16 activations in NumPy: equal up to float32 sums
-        twin = matmul_small_numpy(np.ascontiguousarray(xp), *args[:4], f16_to_f32_numpy)
-        assert relative_error(small, twin) <= 1e-6
-        assert relative_error(small[:, :out], x.astype(np.float64) @ w) <= 1e-6   # float32-accurate, unlike int8
+    assert relative_error(small[:, :out], x.astype(np.float64) @ w) <= 1e-6   # float32 sums, no int8 activations
     check_product(gptq_matmul_tiled(np.ascontiguousarray(xp), *args)[:, :out], x, w, "tiled kernel")
 
 
-def test_activations_become_two_int16_terms_per_run_like_the_twin():
-    rng = np.random.default_rng(7)
-    group_starts = np.array([0, 64, 64, 64 + 2 * RUN_INPUTS + 8], dtype=np.int64)   # an empty and a long group
-    starts, groups = activation_runs(group_starts)
-    assert starts.tolist() == [0, 64, 64 + RUN_INPUTS, 64 + 2 * RUN_INPUTS, 72 + 2 * RUN_INPUTS]
-    assert groups.tolist() == [0, 2, 2, 2]
-    x = rng.standard_normal((3, int(group_starts[-1]))).astype(np.float32) * np.float32(50)
-    x[1, :64] = 0                                                    # an all-zero run: scale 0, no division
-    x[2, 100] = 1e6                                                  # an outlier: its run's other inputs ride on q2
-    pairs, scale, total = quantize_activations(x, starts)
-    q, scale_twin, total_twin = quantize_activations_numpy(x, starts)
-    assert np.array_equal(scale, scale_twin) and np.array_equal(total, total_twin)
-    # pairs (n, in/8, term, 4) of (q[8r+k] low, q[8r+k+4] high) back to q (n, in, term)
-    unpaired = pairs.view(np.int16).reshape(3, -1, 2, 4, 2).transpose(0, 1, 4, 3, 2).reshape(3, -1, 2)
-    assert np.array_equal(unpaired, q)
-    assert np.abs(q[..., 0]).max() == X_LEVELS and np.abs(q[..., 1]).max() <= 2 ** 14 * 1.01
-    assert scale[1, 0] == 0 and not q[1, :64].any()
-    step = np.repeat(scale, np.diff(starts), axis=1).astype(np.float64)
-    rebuilt = step * (q[..., 0] + q[..., 1] / 2.0 ** 15)
-    # x to float32 precision: within 2^-16 steps, plus float32 rounding of x itself
-    assert (np.abs(rebuilt - x) <= step * 2.0 ** -16 + np.abs(x) * 2.0 ** -23).all()
-
-
-def test_integer_runs_do_not_overflow_at_the_extremes():
-    """Every code 15 against a zero point of 16 (a v1 0xF) and every activation at full scale:
-    the largest bracket a run can make, 4096 · 16 · 32767, still fits in int32."""
-    d_in = 2 * RUN_INPUTS
-    blocks = block_columns(pack_rows(np.full((d_in, 64), 15, np.uint8)).view(np.uint32))
-    scales = block_groups(np.ones((1, 64), np.float16).view(np.uint16), 1)
-    zeros = block_groups(np.full((1, 64), 16, np.uint8), 1)
-    x = np.ones((1, d_in), np.float32)
-    y = gptq_matmul_small(x, blocks, scales, zeros, np.array([0, d_in]), "F16")
-    assert np.array_equal(y, np.full((1, 64), -d_in, np.float32))
-    y = gptq_matmul_small(-x, blocks, scales, zeros, np.array([0, d_in]), "F16")
-    assert np.array_equal(y, np.full((1, 64), d_in, np.float32))
-
-
-def test_portable_dot_equals_the_avx2_instruction():
-    """kernels/intdot.py's plain-IR multiply-add gives the same int32 sums as vpmaddwd."""
-    from numba import njit
-    from llama_ref.kernels.intdot import HOST_AVX2, TERMS, make_dot_codes
-
-    def run(dot_codes):
-        @njit
-        def kernel(words, pairs, acc):
-            dot_codes(words.ctypes.data, pairs.ctypes.data, words.shape[0], acc.ctypes.data)
-        return kernel
-
+@pytest.mark.parametrize("with_min", [False, True], ids=["zero points", "mins"])
+def test_a_row_decodes_the_same_whatever_rows_share_the_call(with_min):
+    """kernels/floatdot.py tiles rows by 4, 3, 2 and 1: row b of an n-row call equals row b
+    decoded alone, bit for bit (the batching server's determinism rests on it), and both are
+    float32-accurate. Groups of 32 and 128, an empty group, and an all-zero row."""
     rng = np.random.default_rng(8)
-    words = rng.integers(0, 2**32, (40, 64), dtype=np.uint32)
-    pairs = rng.integers(0, 2**32, (40, TERMS, 4), dtype=np.uint32)
-    codes = unpack_rows(words).astype(np.int64)                                 # (320, 64)
-    q = pairs.view(np.int16).reshape(40, TERMS, 4, 2).transpose(1, 0, 3, 2).reshape(TERMS, -1).astype(np.int64)
-    expected = (q @ codes).astype(np.int32)                                     # (terms, 64)
-    for native in ([False, True] if HOST_AVX2 else [False]):
-        acc = np.full((TERMS, 64), 7, np.int32)                                 # overwritten, not added to
-        run(make_dot_codes(native, TERMS))(words, pairs, acc)
-        assert np.array_equal(acc, expected), f"native={native}"
+    d_in, d_out = 512, 192
+    group_starts = np.array([0, 32, 32, 160, 288, 416, 512])
+    groups = len(group_starts) - 1
+    codes = rng.integers(0, 16, (d_in, d_out))
+    g_idx = np.repeat(np.arange(groups), np.diff(group_starts))
+    scales = (rng.random((groups, d_out)) * 0.02 + 0.001).astype(np.float16)
+    if with_min:
+        offsets = (rng.standard_normal((groups, d_out)) * 0.02).astype(np.float16)
+        w = scales[g_idx].astype(np.float64) * codes + offsets[g_idx].astype(np.float64)
+        stored = block_groups(offsets.view(np.uint16), 3)
+    else:
+        offsets = rng.integers(0, 17, (groups, d_out)).astype(np.uint8)
+        w = scales[g_idx].astype(np.float64) * (codes - offsets[g_idx].astype(np.float64))
+        stored = block_groups(offsets, 3)
+    args = (block_columns(pack_rows(codes).view(np.uint32)), block_groups(scales.view(np.uint16), 3), stored,
+            group_starts, "F16", with_min)
+    x = rng.standard_normal((11, d_in)).astype(np.float32)
+    x[5] = 0
+    together = gptq_matmul_small(x, *args)
+    assert relative_error(together[:, :d_out], x.astype(np.float64) @ w) <= 1e-6
+    assert not together[5].any()
+    for n in range(1, 12):
+        part = gptq_matmul_small(x[:n], *args)
+        for b in range(n):
+            assert np.array_equal(part[b], together[b]), f"row {b} of {n}"
+
+
+@pytest.mark.parametrize("path", [PATH])
+def test_decode_kernel_compiles_to_the_instructions_of_its_path(path):
+    """The test's id names the path this CPU takes. avx2+fma: 256-bit fused multiply-adds and
+    conversions; portable: no fused multiply-add. Each row's product comes from the same
+    instructions as the sums checked above."""
+    from numba import njit
+    dot_codes = make_dot_codes(4)
+
+    @njit
+    def kernel(words, x, acc):
+        dot_codes(words.ctypes.data, x.ctypes.data, x.shape[1], words.shape[0], acc.ctypes.data)
+
+    words = np.random.default_rng(9).integers(0, 2**32, (16, 64), dtype=np.uint32)
+    rows = np.arange(1, 5, dtype=np.float32)[:, None]
+    x = rows * np.tile(INPUT_SCALES, 16)                  # inputs 1, 2, 3, 4, scaled as the kernel takes them
+    acc = np.zeros((4, 64), np.float32)
+    kernel(words, x, acc)
+    expected = rows * unpack_rows(words).sum(axis=0)      # (4, 64): small integers, exact in float32
+    assert np.array_equal(acc[:, :16], expected[:, :16]) and not acc[:, 16:].any()   # a tile of 4 rows: 16 columns
+    assembly = next(iter(kernel.inspect_asm().values()))
+    if path == "portable":
+        assert "vfmadd" not in assembly
+    else:
+        assert "vfmadd231ps\t%ymm" in assembly and "vcvtdq2ps\t%ymm" in assembly
 
 
 def test_fused_projections_equal_the_separate_ones():

@@ -5,11 +5,12 @@ Cases:
            and lm_head); llama.cpp: a random Q4_0 GGUF of the same shape (tools/synth.py writes both)
   SmolLM2  the default model's Q4_1 GGUF, read by both engines
 Each measurement is a fresh process (so that its peak RSS is its own) that loads the model,
-prefills a 128-token prompt, then decodes 32 tokens greedily after a 16-token prompt. A case
-runs --runs times per engine and the medians are reported. While a run goes on, the CPU time
-that other processes take (/proc/stat busy time minus the run's own) is recorded; a run where
-it exceeds 10% of one core is discarded and repeated, because one competing process cuts
-2-thread throughput several-fold.
+prefills a 128-token prompt, then decodes 32 tokens greedily after a 16-token prompt; ours
+then decodes 8 sequences together (8 rows per step) against that one. A case runs --runs
+times per engine; the medians are reported with the spread (min-max). While a run goes on,
+the CPU time that other user processes take (their /proc/[pid]/stat, kernel threads and the
+run itself left out) is recorded; a run where it exceeds 10% of one core is discarded and
+repeated, because one competing process cuts 2-thread throughput several-fold.
 
 Decoding one token reads every weight once (the embedding table aside, one row of it), so
 bytes per token × tokens/s over the machine's read bandwidth, measured in the same run, is how
@@ -38,6 +39,8 @@ class BenchError(LlamaRefError):
 
 
 PROMPT, DECODE, PREFILL = 16, 32, 128
+BATCH, BATCH_STEPS = 8, 8   # sequences decoded together, and the steps timed
+PF_KTHREAD = 0x00200000     # /proc/[pid]/stat flags: a kernel thread
 WARM_UP = 40            # more rows than the decode kernels take (32), so the prefill path compiles too
 CONTAMINATED = 0.10     # cores of CPU time other processes may take during a run
 BENCH_SEED_IDS = 3      # prompts are the ids 3, 4, 5, ...: ordinary tokens in both vocabularies
@@ -64,7 +67,20 @@ def measure_ours(path: str, threads: int) -> dict:
     for step in range(DECODE):
         logits = model.forward([int(np.argmax(logits))], PROMPT + step, cache)[-1]
     decode_s = time.perf_counter() - t1
-    return {"load_s": load_s, "prefill_tok_s": PREFILL / prefill_s, "decode_tok_s": DECODE / decode_s}
+    return {"load_s": load_s, "prefill_tok_s": PREFILL / prefill_s, "decode_tok_s": DECODE / decode_s,
+            "batch_decode_tok_s": batch_decode_speed(model)}
+
+
+def batch_decode_speed(model) -> float:
+    """Tokens/s of BATCH sequences decoded together, one row each per step, after their prompts."""
+    caches = [model.new_cache(PROMPT + BATCH_STEPS + 2) for _ in range(BATCH)]
+    prompts = BENCH_SEED_IDS + np.arange(BATCH)[:, None] * 7 + np.arange(PROMPT)      # (BATCH, PROMPT)
+    logits = model.forward_batch(prompts, 0, caches)[:, -1]                            # (BATCH, vocab)
+    logits = model.forward_batch(np.argmax(logits, axis=-1)[:, None], PROMPT, caches)[:, -1]   # warm
+    started = time.perf_counter()
+    for step in range(BATCH_STEPS):
+        logits = model.forward_batch(np.argmax(logits, axis=-1)[:, None], PROMPT + 1 + step, caches)[:, -1]
+    return BATCH * BATCH_STEPS / (time.perf_counter() - started)
 
 
 def measure_llama_cpp(path: str, threads: int) -> dict:
@@ -96,24 +112,37 @@ def worker(engine: str, path: str, threads: int) -> None:
     print(json.dumps(result))
 
 
-def busy_seconds() -> float:
-    """CPU time all processes have used since boot (user, nice, system, irq, softirq, steal)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7]) / os.sysconf("SC_CLK_TCK")
+def others_cpu_seconds(exclude: set[int]) -> dict[int, float]:
+    """CPU seconds (user + system) each user process has used, but those in `exclude`: kernel
+    threads, whose page-cache and memory work for the run would count against it, are left out."""
+    seconds = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in exclude:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:                                        # it ended meanwhile
+            continue
+        if int(fields[6]) & PF_KTHREAD:                        # field 9 of stat: flags
+            continue
+        seconds[int(entry.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
 
 
 def run_once(engine: str, path: Path, threads: int) -> dict:
-    """One measurement in a fresh process, with the CPU others used meanwhile (in cores)."""
-    own_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy_before, started = busy_seconds(), time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "llama_ref.tools.bench", engine, str(path), str(threads)],
-                         capture_output=True, text=True)
-    wall, busy = time.perf_counter() - started, busy_seconds() - busy_before
-    if out.returncode != 0:
-        raise BenchError(f"{engine} on {path.name} failed:\n{out.stderr[-2000:]}")
-    own_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    own = (own_after.ru_utime + own_after.ru_stime) - (own_before.ru_utime + own_before.ru_stime)
-    return {**json.loads(out.stdout.strip().splitlines()[-1]), "others_cores": max(0.0, busy - own) / wall}
+    """One measurement in a fresh process, with the CPU other processes used meanwhile (in cores;
+    a process that ended during the run is not counted)."""
+    ours = {os.getpid()}
+    before, started = others_cpu_seconds(ours), time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "llama_ref.tools.bench", engine, str(path), str(threads)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = process.communicate()
+    wall = time.perf_counter() - started
+    after = others_cpu_seconds(ours | {process.pid})
+    if process.returncode != 0:
+        raise BenchError(f"{engine} on {path.name} failed:\n{stderr[-2000:]}")
+    others = sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+    return {**json.loads(stdout.strip().splitlines()[-1]), "others_cores": others / wall}
 
 
 def measure(engine: str, path: Path, threads: int, runs: int, log) -> dict:
@@ -131,9 +160,10 @@ def measure(engine: str, path: Path, threads: int, runs: int, log) -> dict:
             break
     if not clean:
         raise BenchError(f"every run of {engine} on {path.name} was contaminated by other processes")
-    keys = ("load_s", "prefill_tok_s", "decode_tok_s", "peak_rss", "others_cores")
-    return {**{key: statistics.median(r[key] for r in clean) for key in keys}, "runs": len(clean),
-            "discarded": discarded}
+    keys = [key for key in clean[0] if key != "others_cores"]
+    return {**{key: statistics.median(r[key] for r in clean) for key in keys},
+            "spread": {key: [min(r[key] for r in clean), max(r[key] for r in clean)] for key in keys},
+            "others_cores": max(r["others_cores"] for r in clean), "runs": len(clean), "discarded": discarded}
 
 
 def read_bandwidth(threads: int) -> float:
@@ -166,7 +196,8 @@ def machine() -> dict:
         if line.startswith("flags"):
             flags = line.split(":", 1)[1]
     simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16") if f in flags.split()]
-    return {"cpu": name, "cpus": os.cpu_count(), "simd": simd, "python": platform.python_version()}
+    from ..kernels.floatdot import PATH
+    return {"cpu": name, "cpus": os.cpu_count(), "simd": simd, "kernel_path": PATH, "python": platform.python_version()}
 
 
 def cases(layers: int | None) -> list[tuple[str, Path, Path, int]]:
@@ -197,6 +228,7 @@ def bench(runs: int = 3, threads: int = 2, layers: int | None = None, log=print)
         log(f"{name}:")
         entry = {"case": name, "bytes_per_token": per_token, "ours": measure("ours", ours_path, threads, runs, log)}
         entry["ours_vs_bandwidth"] = entry["ours"]["decode_tok_s"] * per_token / ceiling
+        entry["batch_cost"] = BATCH * entry["ours"]["decode_tok_s"] / entry["ours"]["batch_decode_tok_s"]
         if peer:
             entry["llama.cpp"] = measure("llama.cpp", peer_path, threads, runs, log)
             entry["decode_ratio"] = entry["ours"]["decode_tok_s"] / entry["llama.cpp"]["decode_tok_s"]
@@ -209,10 +241,11 @@ def bench(runs: int = 3, threads: int = 2, layers: int | None = None, log=print)
 
 def format_report(report: dict) -> str:
     m, bw = report["machine"], report["bandwidth"]
-    lines = [f"{report['date']}: {m['cpu']}, {m['cpus']} CPUs ({' '.join(m['simd'])}), {report['threads']} threads; "
-             "read bandwidth " + ", ".join(f"{v / 1e9:.1f} GB/s ({k})" for k, v in bw.items()), "",
-             "| case | engine | decode tok/s | prefill tok/s (128) | load s | peak RSS GB | ours / llama.cpp |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"{report['date']}: {m['cpu']}, {m['cpus']} CPUs ({' '.join(m['simd'])}), {report['threads']} threads, "
+             f"decode kernel path {m['kernel_path']}; read bandwidth "
+             + ", ".join(f"{v / 1e9:.1f} GB/s ({k})" for k, v in bw.items()), "",
+             "| case | engine | decode tok/s (min-max) | prefill tok/s (128) (min-max) | load s | peak RSS GB | "
+             "ours / llama.cpp |", "|---|---|---|---|---|---|---|"]
     for entry in report["cases"]:
         for engine in ("ours", "llama.cpp"):
             if engine not in entry:
@@ -220,13 +253,16 @@ def format_report(report: dict) -> str:
             r = entry[engine]
             ratio = (f"decode {entry['decode_ratio']:.2f}x, prefill {entry['prefill_ratio']:.2f}x"
                      if engine == "ours" and "decode_ratio" in entry else "")
-            lines.append(f"| {entry['case']} | {engine} | {r['decode_tok_s']:.2f} | {r['prefill_tok_s']:.1f} | "
+            decode, prefill = r["spread"]["decode_tok_s"], r["spread"]["prefill_tok_s"]
+            lines.append(f"| {entry['case']} | {engine} | {r['decode_tok_s']:.2f} ({decode[0]:.2f}-{decode[1]:.2f}) | "
+                         f"{r['prefill_tok_s']:.1f} ({prefill[0]:.1f}-{prefill[1]:.1f}) | "
                          f"{r['load_s']:.1f} | {r['peak_rss'] / 1e9:.2f} | {ratio} |")
     lines.append("")
     for entry in report["cases"]:
         lines.append(f"{entry['case']}: ours decodes at {entry['ours_vs_bandwidth']:.2f} of the bandwidth limit "
                      f"({entry['bytes_per_token'] / 1e9:.2f} GB per token); peak RSS {entry['ours_rss_vs_file']:.2f}x "
-                     "the file")
+                     f"the file; {BATCH} sequences decode at {entry['ours']['batch_decode_tok_s']:.2f} tok/s in all, "
+                     f"a step of {BATCH} rows costing {entry['batch_cost']:.2f}x a step of one")
     return "\n".join(lines)
 
 

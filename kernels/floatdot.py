@@ -1,0 +1,89 @@
+"""The inner loop of the 4-bit decode kernel, written as LLVM vector IR.
+
+    dot_codes[h](words, x, x_stride, rows, acc)
+        acc[b, j] = Σ_r Σ_k code_k(words[r, j]) · x[b, 8r + k]      b < h, j < 8 · VECTORS[h]
+
+for a tile of output columns of a block (kernels/gptq.py): `rows` packed rows of words (8
+codes each, LSB first; a block's rows are 64 words apart), and h rows of x (x_stride floats
+apart). Sums are float32, one fused multiply-add per code and row, in the order r, then k:
+the same operations for a row whatever h is, so a row's result never depends on the rows
+beside it (the batching server's rule: a request's answer is the same alone or in a batch).
+
+Why tiles of h rows: the codes are unpacked once (mask, convert) for all h rows, so a further
+row costs one multiply-add per 8 codes. Why IR and not a Numba loop: Numba keeps the
+accumulators in memory; here the h x VECTORS[h] accumulators stay in registers (at most 8 of
+the 16 AVX2 registers). The IR is plain vector IR, which LLVM lowers to what the CPU has
+(`llvm.fmuladd` fuses where it has FMA); PATH names what that is.
+"""
+from llvmlite import binding, ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+I32, F32 = ir.IntType(32), ir.FloatType()
+V8I32, V8F32 = ir.VectorType(I32, 8), ir.VectorType(F32, 8)
+WORDS = 8                   # words (columns) per vector, codes per word
+BLOCK_VECTORS = 8           # a block's row is 64 words (kernels/gptq.py COLUMN_BLOCK)
+VECTORS = (0, 8, 4, 2, 2)   # vectors of 8 columns per tile of 1, 2, 3, 4 rows: 6 to 8 sums in flight
+TILE_ROWS = len(VECTORS) - 1
+FEATURES = binding.get_host_cpu_features()
+PATH = ("avx512" if FEATURES.get("avx512f") else "avx2+fma" if FEATURES.get("avx2") and FEATURES.get("fma")
+        else "portable")
+
+
+def _splat(builder, value):
+    """<8 x float> of one float."""
+    vector = builder.insert_element(ir.Constant(V8F32, ir.Undefined), value, ir.Constant(I32, 0))
+    return builder.shuffle_vector(vector, ir.Constant(V8F32, ir.Undefined), ir.Constant(V8I32, [0] * 8))
+
+
+def make_dot_codes(height: int):
+    """The intrinsic for a tile of `height` rows of x and VECTORS[height] vectors of columns."""
+    vectors = VECTORS[height]
+
+    @intrinsic
+    def dot_codes(typingctx, words, x, x_stride, rows, acc):
+        """Addresses (intp) of the tile's first word (uint32), of x[b0, 8 r0] (float32, as
+        scale_inputs returns it) and of acc[b0, c0] (float32, rows 64 apart); x_stride, rows: intp."""
+        def codegen(context, builder, signature, args):
+            words_at = builder.inttoptr(args[0], V8I32.as_pointer())
+            x_at = builder.inttoptr(args[1], F32.as_pointer())
+            acc_at = builder.inttoptr(args[4], F32.as_pointer())
+            intp = args[2].type
+            fmuladd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V8F32, [V8F32] * 3),
+                                                     "llvm.fmuladd.v8f32")
+            # the accumulators live in allocas that LLVM promotes to registers for the loop
+            sums = [[cgutils.alloca_once(builder, V8F32) for _ in range(vectors)] for _ in range(height)]
+            for slot in (slot for row in sums for slot in row):
+                builder.store(ir.Constant(V8F32, [0.0] * 8), slot)
+            with cgutils.for_range(builder, args[3]) as loop:
+                row_words = builder.gep(words_at, [builder.mul(loop.index, ir.Constant(intp, BLOCK_VECTORS))])
+                words = [builder.load(builder.gep(row_words, [ir.Constant(I32, c)]), align=4) for c in range(vectors)]
+                first = builder.mul(loop.index, ir.Constant(intp, WORDS))
+                totals = [[builder.load(slot) for slot in row] for row in sums]
+                for k in range(WORDS):
+                    # code k left in place is code · 2^4k, exact in float32: its input comes scaled
+                    # by 2^-4k. The top code is shifted down instead (in place its sign bit is set).
+                    if k < WORDS - 1:
+                        parts = [builder.and_(word, ir.Constant(V8I32, [0xF << 4 * k] * 8)) for word in words]
+                    else:
+                        parts = [builder.lshr(word, ir.Constant(V8I32, [4 * k] * 8)) for word in words]
+                    codes = [builder.sitofp(part, V8F32) for part in parts]
+                    for b in range(height):
+                        at = builder.add(builder.mul(args[2], ir.Constant(intp, b)), builder.add(first, ir.Constant(intp, k)))
+                        value = _splat(builder, builder.load(builder.gep(x_at, [at]), align=4))
+                        totals[b] = [builder.call(fmuladd, [code, value, total]) for code, total in zip(codes, totals[b])]
+                for b in range(height):
+                    for c in range(vectors):
+                        builder.store(totals[b][c], sums[b][c])
+            for b in range(height):
+                for c in range(vectors):
+                    target = builder.gep(acc_at, [ir.Constant(I32, (b * BLOCK_VECTORS + c) * WORDS)])
+                    builder.store(builder.load(sums[b][c]), builder.bitcast(target, V8F32.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return types.void(types.intp, types.intp, types.intp, types.intp, types.intp), codegen
+
+    return dot_codes
+
+
+dot_codes_1, dot_codes_2, dot_codes_3, dot_codes_4 = (make_dot_codes(height) for height in range(1, TILE_ROWS + 1))
