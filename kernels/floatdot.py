@@ -15,6 +15,7 @@ accumulators in memory; here the h x VECTORS[h] accumulators stay in registers (
 the 16 AVX2 registers). The IR is plain vector IR, which LLVM lowers to what the CPU has
 (`llvm.fmuladd` fuses where it has FMA); PATH names what that is.
 """
+import numpy as np
 from llvmlite import binding, ir
 from numba import types
 from numba.core import cgutils
@@ -26,6 +27,9 @@ WORDS = 8                   # words (columns) per vector, codes per word
 BLOCK_VECTORS = 8           # a block's row is 64 words (kernels/gptq.py COLUMN_BLOCK)
 VECTORS = (0, 8, 4, 2, 2)   # vectors of 8 columns per tile of 1, 2, 3, 4 rows: 6 to 8 sums in flight
 TILE_ROWS = len(VECTORS) - 1
+# code k of a word is multiplied in place (code · 2^4k), so its input comes times 2^-4k; the
+# top code is shifted down instead
+INPUT_SCALES = np.array([2.0 ** (-4 * k) for k in range(WORDS - 1)] + [1.0], dtype=np.float32)
 FEATURES = binding.get_host_cpu_features()
 PATH = ("avx512" if FEATURES.get("avx512f") else "avx2+fma" if FEATURES.get("avx2") and FEATURES.get("fma")
         else "portable")
@@ -43,8 +47,8 @@ def make_dot_codes(height: int):
 
     @intrinsic
     def dot_codes(typingctx, words, x, x_stride, rows, acc):
-        """Addresses (intp) of the tile's first word (uint32), of x[b0, 8 r0] (float32, as
-        scale_inputs returns it) and of acc[b0, c0] (float32, rows 64 apart); x_stride, rows: intp."""
+        """Addresses (intp) of the tile's first word (uint32), of x[b0, 8 r0] (float32, input i
+        times INPUT_SCALES[i mod 8]) and of acc[b0, c0] (float32, rows 64 apart); x_stride, rows: intp."""
         def codegen(context, builder, signature, args):
             words_at = builder.inttoptr(args[0], V8I32.as_pointer())
             x_at = builder.inttoptr(args[1], F32.as_pointer())

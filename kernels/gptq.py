@@ -27,15 +27,12 @@ from numba import njit, prange
 
 from .convert import bf16_to_f32, f16_to_f32, f32_to_f32
 from .dense import SMALL_BATCH
-from .floatdot import TILE_ROWS, VECTORS, dot_codes_1, dot_codes_2, dot_codes_3, dot_codes_4
+from .floatdot import INPUT_SCALES, TILE_ROWS, VECTORS, dot_codes_1, dot_codes_2, dot_codes_3, dot_codes_4
 
 BITS = 4
 CODES_PER_WORD = 32 // BITS
 COLUMN_BLOCK = 64      # output columns per parallel task: 64 words = 256 bytes of each packed row
 TILE_COLUMNS = 512     # output columns dequantized per BLAS call in the prefill path
-# floatdot multiplies code k of a word in place (code · 2^4k) by its input times 2^-4k; the
-# top code it shifts down
-INPUT_SCALES = np.array([2.0 ** (-BITS * k) for k in range(CODES_PER_WORD - 1)] + [1.0], dtype=np.float32)
 
 
 def unpack_rows(qweight: np.ndarray) -> np.ndarray:

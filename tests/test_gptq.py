@@ -19,8 +19,8 @@ os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 import llama_ref  # noqa: E402
 from llama_ref.errors import CheckpointError, ConfigError  # noqa: E402
 from llama_ref.formats.gptq import GPTQConfig, prepare_layer  # noqa: E402
-from llama_ref.kernels.floatdot import PATH, make_dot_codes  # noqa: E402
-from llama_ref.kernels.gptq import (INPUT_SCALES, block_columns, block_groups, dequantize_numpy, gptq_matmul_small,  # noqa: E402
+from llama_ref.kernels.floatdot import INPUT_SCALES, PATH, make_dot_codes  # noqa: E402
+from llama_ref.kernels.gptq import (block_columns, block_groups, dequantize_numpy, gptq_matmul_small,  # noqa: E402
                                     gptq_matmul_tiled, pack_columns, pack_rows, unblock_columns, unblock_groups,
                                     unpack_columns, unpack_rows)
 from llama_ref.nn.linear import GPTQLinear, fuse, project  # noqa: E402
