@@ -2,7 +2,9 @@
 
 The quantizer holds one layer's work at a time (llama_ref/tools/quantize.py), so its peak
 must not grow with the number of layers. Each case runs `llama-ref quantize` in its own
-process and reads that process's peak RSS (wait4's ru_maxrss):
+process and reads that process's peak RSS (wait4's ru_maxrss, which Linux floors at this
+process's own peak when it spawns the child: so this process stays small, writing synthetic
+checkpoints in a child of their own, and a peak it cannot tell from its own is refused):
 
     default   the default model (SmolLM2-135M-Instruct), the quantize defaults (128 x 256)
     7b-L      a synthetic fp16 checkpoint of Llama-2-7B's shape cut to L layers (written by
@@ -34,13 +36,14 @@ of the bound, and what remains shows most plainly whether memory grows with the 
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from llama_ref.tools.assets import cache_home, default_model
-from llama_ref.tools.synth import SHAPES, write_synthetic_gptq
+from llama_ref.tools.synth import SHAPES
 
 GB = 1e9
 LOAD_ONLY = "import sys, llama_ref; llama_ref.load_model(sys.argv[1])"
@@ -58,6 +61,9 @@ def peak_rss(command: list[str]) -> tuple[float, float]:
         if process.returncode != 0:
             errors.seek(0)
             raise SystemExit(f"{' '.join(command)} failed:\n{errors.read().decode()[-2000:]}")
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if usage.ru_maxrss <= own:
+        raise SystemExit(f"{' '.join(command)}: its peak RSS cannot be told from this process's ({own} kB)")
     return usage.ru_maxrss * 1024, time.perf_counter() - started
 
 
@@ -105,7 +111,8 @@ def main() -> None:
     for layers in args.layers:
         source = cache_home() / "bench" / f"fp16-llama-2-7b-l{layers}"
         if not source.exists():
-            write_synthetic_gptq(source, "llama-2-7b", layers, dense=True)
+            subprocess.run([sys.executable, "-m", "llama_ref.cli", "synth", str(source), "--shape", "llama-2-7b",
+                            "--layers", str(layers), "--fp16"], check=True)
         results.append(run_case(f"7b-{layers}", source, seven_b,
                                 ["--samples", str(args.samples), "--seq-len", str(args.seq_len)],
                                 args.samples * args.seq_len, args.seq_len, args.method))

@@ -12,6 +12,8 @@ import llama_ref
 from llama_ref.tools.bench import format_report, others_cpu_seconds, run_once
 from llama_ref.tools.synth import Q4_0_BYTES, write_synthetic_q4_0_gguf
 
+PARENT_BALLAST = 2e9    # bytes: above the worker's own peak on a tiny model (about 0.5 GB)
+
 
 def test_the_synthetic_q4_0_gguf_has_the_shape_and_weights_of_a_trained_model(tmp_path):
     path = write_synthetic_q4_0_gguf(tmp_path / "q4_0.gguf", "llama-2-7b", layers=1)
@@ -28,10 +30,14 @@ def test_the_synthetic_q4_0_gguf_has_the_shape_and_weights_of_a_trained_model(tm
 
 
 def test_one_measurement_runs_in_a_fresh_process_and_reports_its_cost(checkpoint):
+    """The peak RSS is the worker's own, even when the process that starts it is larger: a
+    spawned child's getrusage inherits its parent's peak, and a test process may hold GBs."""
+    ballast = np.ones(int(PARENT_BALLAST // 8))                 # touched: resident in this process
     result = run_once("ours", checkpoint("gqa"), threads=2)
+    del ballast
     assert result["decode_tok_s"] > 0 and result["prefill_tok_s"] > 0 and result["load_s"] > 0
     assert result["batch_decode_tok_s"] > 0
-    assert 50e6 < result["peak_rss"] < 4e9 and result["others_cores"] >= 0
+    assert 50e6 < result["peak_rss"] < PARENT_BALLAST and result["others_cores"] >= 0
 
 
 def test_other_processes_cpu_counts_user_processes_but_not_kernel_threads_or_the_excluded():

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import llama_ref
 from llama_ref.errors import CheckpointError, ConfigError
 from llama_ref.tokenizer import TokenizerError
+from llama_ref.tools.bench import resident_bytes
 from conftest import make_checkpoint
 from test_gptq import write_gptq_checkpoint
 
@@ -29,12 +30,6 @@ PROMPT = [5, 17, 99, 3, 250]
 EXAMPLES = int(os.environ.get("CHECKPOINT_FUZZ_EXAMPLES", 120))
 DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "I8", "U8", "BOOL", "F8_E4M3", "", "f32"]
 NAMED = (CheckpointError, ConfigError, TokenizerError)
-
-
-def resident(key: str) -> int:
-    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, in bytes."""
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
-    return int(line.split()[1]) * 1024
 
 
 def logits_of(path) -> np.ndarray:
@@ -53,7 +48,7 @@ def fuzz(strategy, write, target: Path, expected, size: int, label=lambda mutati
     def load(mutation):
         write(mutation)
         Path("/proc/self/clear_refs").write_text("5")    # resets VmHWM to the present size
-        before = resident("VmRSS")
+        before = resident_bytes("VmRSS")
         faulthandler.dump_traceback_later(60, exit=True)
         try:
             logits = logits_of(target)
@@ -65,7 +60,7 @@ def fuzz(strategy, write, target: Path, expected, size: int, label=lambda mutati
             outcome = "loads, same logits"
         finally:
             faulthandler.cancel_dump_traceback_later()
-        peaks.append(resident("VmHWM") - before)
+        peaks.append(resident_bytes("VmHWM") - before)
         assert peaks[-1] <= 1.2 * size + 200e6, f"{mutation}: resident size grew by {peaks[-1] / 1e6:.0f} MB"
         outcomes[f"{label(mutation)}: {outcome}"] += 1
     load()
@@ -77,10 +72,10 @@ def fuzz(strategy, write, target: Path, expected, size: int, label=lambda mutati
 
 def test_the_peak_measure_sees_an_allocation_that_is_gone():
     Path("/proc/self/clear_refs").write_text("5")
-    before = resident("VmRSS")
+    before = resident_bytes("VmRSS")
     block = np.ones(50_000_000 // 8)
     del block
-    assert resident("VmHWM") - before >= 45e6 > resident("VmRSS") - before
+    assert resident_bytes("VmHWM") - before >= 45e6 > resident_bytes("VmRSS") - before
 
 
 # safetensors

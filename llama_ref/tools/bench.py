@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -106,9 +105,17 @@ def measure_llama_cpp(path: str, threads: int) -> dict:
     return {"load_s": load_s, "prefill_tok_s": PREFILL / prefill_s, "decode_tok_s": DECODE / decode_s}
 
 
+def resident_bytes(key: str = "VmHWM") -> int:
+    """VmHWM (peak) or VmRSS (now) of this process's memory since its exec, in bytes. Not
+    getrusage's ru_maxrss: Linux carries the parent's peak into a spawned child's at exec, so a
+    worker started from a 4 GB test process would report 4 GB."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+
 def worker(engine: str, path: str, threads: int) -> None:
     result = (measure_ours if engine == "ours" else measure_llama_cpp)(path, threads)
-    result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss"] = resident_bytes("VmHWM")
     print(json.dumps(result))
 
 
