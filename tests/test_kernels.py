@@ -101,3 +101,24 @@ def test_decode_attention_equals_a_float64_softmax(heads, kv_heads, length):
     q = rng.standard_normal((heads, d)).astype(np.float32) * 2
     ours = decode_attention(q, k, v, length, np.float32(1 / np.sqrt(d)))
     np.testing.assert_allclose(ours, decode_attention_numpy(q, k, v, length, 1 / np.sqrt(d)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_row_kernels_equal_their_numpy_equations_and_each_row_its_own(rows):
+    """RMSNorm within float32 rounding of nn/ops.rms_norm (a sum in order, not pairwise); the
+    rotation bit for bit nn/rope.apply_rope, also on the strided q of a fused projection; and
+    row 0 of a call the same as row 0 alone."""
+    from llama_ref.kernels.rows import rms_norm_rows, rope_rows
+    from llama_ref.nn.ops import rms_norm
+    from llama_ref.nn.rope import apply_rope, rope_cos_sin
+    rng = np.random.default_rng(rows)
+    x = (rng.standard_normal((rows, 576)) * 3).astype(np.float32)
+    weight = rng.standard_normal(576).astype(np.float32)
+    ours = rms_norm_rows(x, weight, np.float32(1e-5))
+    np.testing.assert_allclose(ours, rms_norm(x, weight, 1e-5), rtol=2e-6, atol=1e-7)
+    np.testing.assert_array_equal(ours[:1], rms_norm_rows(x[:1], weight, np.float32(1e-5)))
+    fused = rng.standard_normal((rows, 15 * 64)).astype(np.float32)               # q | k | v, 9 + 3 + 3 heads
+    q = fused[:, :9 * 64].reshape(rows, 9, 64)                                    # a strided view, as in the model
+    cos, sin = rope_cos_sin(np.arange(100, 100 + rows), 1 / 10000 ** (np.arange(0, 64, 2, dtype=np.float32) / 64))
+    np.testing.assert_array_equal(rope_rows(q, cos, sin), apply_rope(q, cos, sin))
+    np.testing.assert_array_equal(rope_rows(q, cos, sin)[:1], rope_rows(q[:1], cos[:1], sin[:1]))

@@ -3,7 +3,8 @@ import numpy as np
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x²) + eps) * weight.  x (n, hidden)."""
+    """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x²) + eps) * weight.  x (n, hidden).
+    The model runs it compiled (kernels/rows.py), which this equation checks."""
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * weight
 
 

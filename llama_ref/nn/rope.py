@@ -71,7 +71,8 @@ def rope_cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarra
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """x·cos + rotate_half(x)·sin with rotate_half([a, b]) = [-b, a].  x (..., n, heads,
     head_dim); cos, sin (n, head_dim) for positions shared by every sequence, or (..., n,
-    head_dim) for sequences at positions of their own."""
+    head_dim) for sequences at positions of their own. The model runs it compiled
+    (kernels/rows.py), which this equation checks."""
     half = x.shape[-1] // 2
     rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # (..., n, heads, head_dim)
     return x * cos[..., None, :] + rotated * sin[..., None, :]

@@ -19,9 +19,10 @@ from ..config import ModelConfig
 from ..errors import ContextLengthError
 from ..formats.safetensors import StoredTensor
 from ..kernels.attention import decode_attention
+from ..kernels.rows import rms_norm_rows, rope_rows
 from .linear import GGUFLinear, Linear, fuse, project
-from .ops import rms_norm, silu, softmax
-from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+from .ops import silu, softmax
+from .rope import rope_cos_sin, rope_inv_freq
 
 
 @dataclass(frozen=True)
@@ -175,13 +176,14 @@ def spans(lengths: tuple[int, ...]):
     return zip(ends - lengths, ends)
 
 
-def cached_attention(chunks: list[Chunk], layer_index: int) -> Callable:
+def cached_attention(chunks: list[Chunk], bounds: list[tuple[int, int]], layer_index: int) -> Callable:
     """attend() for chunks that extend their KV caches: each chunk's new keys and values
-    join its cache, and its queries read everything the cache then holds."""
+    join its cache, and its queries read everything the cache then holds. bounds: each
+    chunk's rows (spans of the lengths, found once a pass rather than once a layer)."""
     def attend(q, k, v, lengths):
-        return np.concatenate([
-            attention(q[a:b], *chunk.cache.update(layer_index, chunk.start_pos, k[a:b], v[a:b]), chunk.start_pos)
-            for chunk, (a, b) in zip(chunks, spans(lengths))])
+        mixed = [attention(q[a:b], *chunk.cache.update(layer_index, chunk.start_pos, k[a:b], v[a:b]), chunk.start_pos)
+                 for chunk, (a, b) in zip(chunks, bounds)]
+        return mixed[0] if len(mixed) == 1 else np.concatenate(mixed)
     return attend
 
 
@@ -199,8 +201,8 @@ def mixed_values(config: ModelConfig, layer: Layer, h: np.ndarray, lengths: tupl
     rows = h.shape[0]
     n_heads, n_kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q, k, v = linears(layer, ("wq", "wk", "wv"), h, hooks)
-    q = apply_rope(q.reshape(rows, n_heads, d), cos, sin)               # (rows, n_heads, d)
-    k = apply_rope(k.reshape(rows, n_kv_heads, d), cos, sin)            # (rows, n_kv_heads, d)
+    q = rope_rows(q.reshape(rows, n_heads, d), cos, sin)                # (rows, n_heads, d)
+    k = rope_rows(k.reshape(rows, n_kv_heads, d), cos, sin)             # (rows, n_kv_heads, d)
     return attend(q, k, v.reshape(rows, n_kv_heads, d), lengths)
 
 
@@ -212,10 +214,11 @@ def decoder_layer(config: ModelConfig, layer: Layer, x: np.ndarray, lengths: tup
     q (rows, n_heads, d), k, v (rows, n_kv_heads, d) -> (rows, n_heads * d). Arrays that a
     later step does not read are freed before it runs: quantizing a layer of a 7B model holds
     several GB at its widest.  Returns (rows, hidden)."""
-    mixed = mixed_values(config, layer, rms_norm(x, layer.attention_norm, config.rms_norm_eps), lengths, cos, sin,
+    eps = np.float32(config.rms_norm_eps)
+    mixed = mixed_values(config, layer, rms_norm_rows(x, layer.attention_norm, eps), lengths, cos, sin,
                          attend, hooks)                                 # (rows, n_heads * d)
     x = x + linears(layer, ("wo",), mixed, hooks)[0]
-    return x + feed_forward(rms_norm(x, layer.ffn_norm, config.rms_norm_eps), layer, hooks)
+    return x + feed_forward(rms_norm_rows(x, layer.ffn_norm, eps), layer, hooks)
 
 
 def embed(tokens: np.ndarray, table) -> np.ndarray:
@@ -244,11 +247,12 @@ def forward(config: ModelConfig, weights: Weights, chunks: list[Chunk]) -> list[
     angles = [chunk_rope(config, chunk.start_pos, len(chunk.tokens)) for chunk in chunks]
     cos, sin = np.concatenate([c for c, _ in angles]), np.concatenate([s for _, s in angles])  # (rows, d)
     x = embed(np.concatenate([chunk.tokens for chunk in chunks]), weights.tok_embeddings)     # (rows, hidden)
+    bounds = list(spans(lengths))
     for i, layer in enumerate(weights.layers):
-        x = decoder_layer(config, layer, x, lengths, cos, sin, cached_attention(chunks, i))
+        x = decoder_layer(config, layer, x, lengths, cos, sin, cached_attention(chunks, bounds, i))
     for chunk in chunks:
         chunk.cache.length = chunk.start_pos + len(chunk.tokens)
-    return outputs(weights, chunks, rms_norm(x, weights.norm, config.rms_norm_eps), lengths)
+    return outputs(weights, chunks, rms_norm_rows(x, weights.norm, np.float32(config.rms_norm_eps)), lengths)
 
 
 def outputs(weights: Weights, chunks: list[Chunk], hidden: np.ndarray, lengths: tuple[int, ...]) -> list[np.ndarray]:
