@@ -105,3 +105,26 @@ def test_batch_of_two_equals_two_separate_sequences(checkpoint):
         model.forward(prompt, 0, cache)
         alone = [model.forward([pair[row]], len(prompt) + t, cache)[0] for t, pair in enumerate(steps)]
         assert relative_error(np.stack([b[row] for b in batched]), np.stack(alone)) <= 1e-5
+
+
+def test_a_fresh_cache_holds_memory_only_for_the_positions_written():
+    """A 13B layer's shape (40 heads x 4096 positions x 128: 2 MB a head), four layers, 16
+    positions written: about 16 x 128 x 4 bytes a head become resident, not each head's 2 MB
+    (as when the allocation is given transparent huge pages; then the whole cache is)."""
+    from types import SimpleNamespace
+    from llama_ref.nn.transformer import KVCache
+    from llama_ref.tools.bench import resident_bytes
+    config = SimpleNamespace(num_hidden_layers=4, num_key_value_heads=40, head_dim=128)
+    before = resident_bytes("VmRSS")
+    cache = KVCache(config, 4096)                                   # 2 x 336 MB
+    rng = np.random.default_rng(0)
+    for layer in range(4):
+        kv = rng.standard_normal((16, 40, 128)).astype(np.float32)
+        keys, values = cache.update(layer, 0, kv, kv)
+        np.testing.assert_array_equal(keys[:, :16], kv.transpose(1, 0, 2))
+    assert resident_bytes("VmRSS") - before < 2 * 4 * 40 * 2 * 4096 + 8e6    # two pages a head, + slack
+    assert not cache.k[:, :, 16:].any() and not cache.v[:, :, 16:].any()
+    twin = cache.copy(positions=16)
+    np.testing.assert_array_equal(twin.k[:, :, :16], cache.k[:, :, :16])
+    twin.k[0, 0, 0, 0] = 5.0
+    assert cache.k[0, 0, 0, 0] != 5.0
