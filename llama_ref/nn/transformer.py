@@ -62,9 +62,10 @@ def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
     and then the first write into each head's 2 MB of a 13B cache (4096 positions x 128)
     zeroes and keeps all 2 MB of it: a 16-token prompt made the whole 6.7 GB cache resident
     and took 2-4 s longer than in a reused cache."""
-    memory = mmap.mmap(-1, max(1, math.prod(shape)) * 4)      # anonymous: zero-filled, lazily
+    count = math.prod(shape)
+    memory = mmap.mmap(-1, max(1, count) * 4)                 # anonymous: zero-filled, lazily
     memory.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(memory, dtype=np.float32, count=math.prod(shape)).reshape(shape)
+    return np.frombuffer(memory, dtype=np.float32, count=count).reshape(shape)
 
 
 class KVCache:
