@@ -14,25 +14,27 @@ that order once at load time (see llama_ref/formats/gptq.py). They also take the
 in blocks of 64 output columns (block_columns), each block one contiguous stream, and the
 scales and zero points likewise (block_groups, (out/64, groups, 64)).
 
-Decoding (n <= SMALL_BATCH rows of x) never makes the dequantized matrix. Per group g and
-output column o it sums code · x in float32 (kernels/floatdot.py: the codes of a word unpacked
-once for up to 4 rows, one fused multiply-add per code and row) and then applies the group's
-scale and zero point, in float64 where they meet:
+The product never makes the dequantized matrix, for one row (decoding) or hundreds
+(prefill). Per group g and output column o it sums code · x in float32 (kernels/floatdot.py:
+the codes of a word unpacked in registers once for up to 4 rows, one fused multiply-add per
+code and row) and then applies the group's scale and zero point, in float64 where they meet:
     y[o] = Σ_g scale[g, o] · (Σ_{i∈g} code[i, o] · x[i]  −  zero[g, o] · Σ_{i∈g} x[i])
-A row's operations are the same whatever rows share the call, so its result is too. For more
-rows (prefill) column tiles of W are made in float32 and multiplied with BLAS.
+A row's operations are the same whatever rows share the call, so its result is too: a prompt
+chunk and a decoding row give the same numbers alone or together. With a few rows the kernel
+reads the weights at memory speed; with many it runs at the CPU's float32 multiply-add peak
+(150 GFLOPS on 2 EPYC cores, as fast as OpenBLAS's sgemm on the dequantized matrix, which
+would also cost the dequantizing: benchmarks.md, "Prefill").
 """
 import numpy as np
 from numba import njit, prange
 
 from .convert import bf16_to_f32, f16_to_f32, f32_to_f32
-from .dense import SMALL_BATCH
 from .floatdot import INPUT_SCALES, TILE_ROWS, VECTORS, dot_codes_1, dot_codes_2, dot_codes_3, dot_codes_4
 
 BITS = 4
 CODES_PER_WORD = 32 // BITS
 COLUMN_BLOCK = 64      # output columns per parallel task: 64 words = 256 bytes of each packed row
-TILE_COLUMNS = 512     # output columns dequantized per BLAS call in the prefill path
+ROW_CHUNK = 64         # rows of x whose group sums one task keeps (64 x 64 floats: 16 KB, in L1)
 
 
 def unpack_rows(qweight: np.ndarray) -> np.ndarray:
@@ -111,23 +113,24 @@ def unblock_groups(values: np.ndarray, out: int) -> np.ndarray:
 
 
 def _make_kernels(widen, with_min):
-    """The decode kernel and the prefill tile for scales stored as `widen` reads them.
+    """The matrix product and the dequantized tile for scales stored as `widen` reads them.
     with_min: `zeros` holds each group's additive offset m (stored like the scales), so that
     W = scale · code + m, as GGUF's Q4_1 (and Q4_0, m = -8 · scale); else the uint8 zero
     points of GPTQ, W = scale · (code - zero)."""
 
     @njit(parallel=True, cache=True)
-    def matmul_small(x, blocks, scales, zeros, group_starts):
+    def matmul(x, blocks, scales, zeros, group_starts):
         """y = x @ W without making W.  x (n, in) float32 in the kernel's row order; blocks
         (out/64, in/8, 64) uint32 (block_columns); scales (out/64, groups, 64) as stored and
         zeros (out/64, groups, 64) uint8, the true zero points (block_groups).  Returns
-        (n, out padded).  One parallel task per block of 64 columns; each word is read once."""
+        (n, out padded).  One parallel task per block of 64 columns; each word is read from
+        memory once, and again from cache for each further ROW_CHUNK rows."""
         n, d_in = x.shape
         n_blocks, _, width = blocks.shape
         groups = group_starts.shape[0] - 1
         scaled = np.empty_like(x)                                     # (n, in): x[i] · 2^-4(i mod 8), see floatdot
         xsum = np.zeros((n, groups), dtype=np.float64)                # Σ x over each group
-        for b in range(n):
+        for b in prange(n):
             for i in range(d_in):
                 scaled[b, i] = x[b, i] * INPUT_SCALES[i % CODES_PER_WORD]
             for g in range(groups):
@@ -136,36 +139,48 @@ def _make_kernels(widen, with_min):
         y = np.zeros((n, n_blocks * width), dtype=np.float32)         # (n, out padded)
         for block in prange(n_blocks):
             j0 = block * width
-            acc = np.empty((n, width), dtype=np.float32)              # Σ code · x over one group
-            for g in range(groups):
-                r0, r1 = group_starts[g] // CODES_PER_WORD, group_starts[g + 1] // CODES_PER_WORD
-                if r1 == r0:
-                    continue
-                for b0 in range(0, n, TILE_ROWS):
-                    height = min(TILE_ROWS, n - b0)
-                    for c in range(0, width, CODES_PER_WORD * VECTORS[height]):
-                        w_at, x_at, a_at = blocks[block, r0, c:].ctypes.data, scaled[b0, r0 * CODES_PER_WORD:].ctypes.data, acc[b0, c:].ctypes.data
-                        if height == 4:
-                            dot_codes_4(w_at, x_at, d_in, r1 - r0, a_at)
-                        elif height == 3:
-                            dot_codes_3(w_at, x_at, d_in, r1 - r0, a_at)
-                        elif height == 2:
-                            dot_codes_2(w_at, x_at, d_in, r1 - r0, a_at)
-                        else:
-                            dot_codes_1(w_at, x_at, d_in, r1 - r0, a_at)
-                for b in range(n):
-                    total = xsum[b, g]
-                    out = y[b, j0:j0 + width]
+            acc = np.empty((min(n, ROW_CHUNK), width), dtype=np.float32)   # Σ code · x over one group
+            scale = np.empty(width, dtype=np.float32)                 # the group's scales, widened
+            offset = np.empty(width, dtype=np.float32)                # and its mins, widened
+            zero = np.empty(width, dtype=np.float64)                  # or its zero points
+            for c0 in range(0, n, ROW_CHUNK):
+                rows = min(ROW_CHUNK, n - c0)
+                for g in range(groups):
+                    r0, r1 = group_starts[g] // CODES_PER_WORD, group_starts[g + 1] // CODES_PER_WORD
+                    if r1 == r0:
+                        continue
+                    for b0 in range(0, rows, TILE_ROWS):
+                        height = min(TILE_ROWS, rows - b0)
+                        for c in range(0, width, CODES_PER_WORD * VECTORS[height]):
+                            w_at = blocks[block, r0, c:].ctypes.data
+                            x_at, a_at = scaled[c0 + b0, r0 * CODES_PER_WORD:].ctypes.data, acc[b0, c:].ctypes.data
+                            if height == 4:
+                                dot_codes_4(w_at, x_at, d_in, r1 - r0, a_at)
+                            elif height == 3:
+                                dot_codes_3(w_at, x_at, d_in, r1 - r0, a_at)
+                            elif height == 2:
+                                dot_codes_2(w_at, x_at, d_in, r1 - r0, a_at)
+                            else:
+                                dot_codes_1(w_at, x_at, d_in, r1 - r0, a_at)
                     for j in range(width):
+                        scale[j] = widen(scales[block, g, j])
                         if with_min:
-                            out[j] += widen(scales[block, g, j]) * acc[b, j] + widen(zeros[block, g, j]) * np.float32(total)
+                            offset[j] = widen(zeros[block, g, j])
                         else:
-                            out[j] += widen(scales[block, g, j]) * np.float32(np.float64(acc[b, j]) - np.float64(zeros[block, g, j]) * total)
+                            zero[j] = np.float64(zeros[block, g, j])
+                    for b in range(rows):
+                        total = xsum[c0 + b, g]
+                        out = y[c0 + b, j0:j0 + width]
+                        for j in range(width):
+                            if with_min:
+                                out[j] += scale[j] * acc[b, j] + offset[j] * np.float32(total)
+                            else:
+                                out[j] += scale[j] * np.float32(np.float64(acc[b, j]) - zero[j] * total)
         return y
 
     @njit(parallel=True, cache=True)
     def tile(blocks, scales, zeros, group_starts, j0, j1):
-        """W[:, j0:j1] (in, j1 - j0) float32, for the prefill path; j0 and j1 multiples of 64."""
+        """W[:, j0:j1] (in, j1 - j0) float32 (what the quantizer reads back); j0 and j1 multiples of 64."""
         width = blocks.shape[2]
         d_in = blocks.shape[1] * CODES_PER_WORD
         out = np.empty((d_in, j1 - j0), dtype=np.float32)
@@ -182,34 +197,18 @@ def _make_kernels(widen, with_min):
                             out[i, j - j0] = widen(scales[block, g, jj]) * (code - np.float32(zeros[block, g, jj]))
         return out
 
-    return matmul_small, tile
+    return matmul, tile
 
 
-# (scale storage, offsets are mins) -> (decode kernel, prefill tile); fp16 scales stay 16-bit in memory
+# (scale storage, offsets are mins) -> (matrix product, dequantized tile); fp16 scales stay 16-bit in memory
 _KERNELS = {("F16", False): _make_kernels(f16_to_f32, False), ("BF16", False): _make_kernels(bf16_to_f32, False),
             ("F32", False): _make_kernels(f32_to_f32, False), ("F16", True): _make_kernels(f16_to_f32, True)}
 
 
-def gptq_matmul_small(x, blocks, scales, zeros, group_starts, storage, with_min=False):
+def gptq_matmul(x, blocks, scales, zeros, group_starts, storage, with_min=False):
+    """y = x @ W for the packed W, any number of rows.  (n, out padded)."""
     return _KERNELS[storage, with_min][0](x, blocks, scales, zeros, group_starts)
 
 
 def dequantize_tile(blocks, scales, zeros, group_starts, j0, j1, storage, with_min=False):
     return _KERNELS[storage, with_min][1](blocks, scales, zeros, group_starts, j0, j1)
-
-
-def gptq_matmul_tiled(x, blocks, scales, zeros, group_starts, storage, with_min=False):
-    """Column tiles of W in float32, multiplied with BLAS; best for prefill.  (n, out padded)."""
-    d_out = blocks.shape[0] * blocks.shape[2]
-    y = np.empty((x.shape[0], d_out), dtype=np.float32)               # (n, out padded)
-    for j0 in range(0, d_out, TILE_COLUMNS):
-        j1 = min(j0 + TILE_COLUMNS, d_out)
-        y[:, j0:j1] = x @ dequantize_tile(blocks, scales, zeros, group_starts, j0, j1, storage, with_min)
-    return y
-
-
-def gptq_matmul(x, blocks, scales, zeros, group_starts, storage, with_min=False):
-    """y = x @ W for the packed W, choosing the kernel by the number of rows of x.  (n, out padded)."""
-    if x.shape[0] <= SMALL_BATCH:
-        return gptq_matmul_small(x, blocks, scales, zeros, group_starts, storage, with_min)
-    return gptq_matmul_tiled(x, blocks, scales, zeros, group_starts, storage, with_min)

@@ -18,10 +18,12 @@ from .errors import ContextLengthError, LlamaRefError
 from .formats.gguf_file import load_gguf
 from .formats.hf import load_hf
 from .kernels import configure_threads
+from .nn.linear import GPTQLinear
 from .nn.transformer import Chunk, KVCache, Weights, forward
 from .tools.assets import default_model
 
-# rows x hidden size from which prefill gives BLAS every core: 128 tokens of a 2048-wide model
+# rows x hidden size from which a dense model's prefill gives BLAS every core: 128 tokens of a
+# 2048-wide model
 PARALLEL_BLAS_WORK = 128 * 2048
 
 
@@ -38,6 +40,9 @@ class Model:
         self.tokenizer = tokenizer
         self.stored_bytes = stored_bytes      # the checkpoint's size on disk: what its weights take in memory
         self._threadpools = ThreadpoolController()
+        # 4-bit layers multiply on the Numba kernel at every row count (kernels/gptq.py): BLAS
+        # then does only attention's small products, and never gets more than one core
+        self._blas_prefill = not isinstance(weights.layers[0].w2, GPTQLinear)
 
     def new_cache(self, max_seq_len: int | None = None) -> KVCache:
         """A KV cache for one sequence of up to max_seq_len tokens (default: the context)."""
@@ -110,11 +115,12 @@ class Model:
                                   f"0..{self.config.vocab_size - 1}", "tokens")
         # The Numba kernels already use every core, and OpenBLAS threads, which keep spinning
         # after each call, would fight them for the same cores: BLAS runs single-threaded,
-        # except for a prefill big enough that BLAS on the dequantized tiles dominates (measured
-        # with 128 tokens and kernels/__init__.py's shorter spin: 13B shape 2.0 -> 2.3 tokens/s
-        # with every core for BLAS, SmolLM2's 576-wide layers 165 -> 85).
+        # except for a dense model's prefill big enough that BLAS on the widened tiles dominates
+        # (measured with 128 tokens and kernels/__init__.py's shorter spin, when 4-bit layers
+        # took that path too: 13B shape 2.0 -> 2.3 tokens/s with every core for BLAS, SmolLM2's
+        # 576-wide layers 165 -> 85; a 4-bit 13B now 5.5 with one BLAS thread, 5.1 with two).
         rows = sum(len(chunk.tokens) for chunk in chunks)
-        big = rows * self.config.hidden_size >= PARALLEL_BLAS_WORK
+        big = self._blas_prefill and rows * self.config.hidden_size >= PARALLEL_BLAS_WORK
         with self._threadpools.limit(limits=numba.get_num_threads() if big else 1, user_api="blas"):
             return forward(self.config, self.weights, chunks)
 

@@ -6,9 +6,10 @@ response that is decoding, plus pieces of the prompts and embedding inputs still
 and hands each its own chunks' output. They join and leave between steps.
 
 Batching never changes an answer. A row's result depends only on its own chunk:
-- the kernels' row-parallel path (at most kernels.SMALL_BATCH rows in a call) computes
-  each row on its own, so decode rows share a call; a call with more rows would go to BLAS,
-  whose result for a row can depend on the others, so a longer prompt chunk runs alone;
+- the kernels compute each row on its own (the 4-bit kernel at any row count, the dense
+  and Q8_0 ones up to kernels.SMALL_BATCH rows), so decode rows share a call; a call with
+  more rows would take dense weights to BLAS, whose result for a row can depend on the
+  others, so a longer prompt chunk runs alone;
 - a prompt is cut into chunks of `PREFILL_CHUNK` tokens counted from where its prefill
   starts, whatever else is running; a step's prefill budget only decides which chunks wait.
 `Model.generate` runs its generation through a Batch of its own, so one request alone and

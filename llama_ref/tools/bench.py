@@ -49,6 +49,7 @@ def measure_ours(path: str, threads: int) -> dict:
     """Load, prefill, decode with this engine (runs inside the worker process)."""
     import llama_ref
     from llama_ref.kernels import configure_threads
+    from llama_ref.nn.transformer import Chunk
     configure_threads(threads)       # before Numba starts its threads: the spin count is read then
     started = time.perf_counter()
     model = llama_ref.load_model(path)
@@ -57,8 +58,8 @@ def measure_ours(path: str, threads: int) -> dict:
     warm = model.new_cache(WARM_UP + 1)                      # compiles, or loads the Numba cache, both paths
     model.forward(ids[:WARM_UP], 0, warm)
     model.forward([1], WARM_UP, warm)
-    t0 = time.perf_counter()
-    model.forward(ids, 0, model.new_cache(PREFILL))
+    t0 = time.perf_counter()             # the last row's logits, as a generation's prefill (and llama.cpp's eval)
+    model.forward_chunks([Chunk(ids, 0, model.new_cache(PREFILL), "last")])
     prefill_s = time.perf_counter() - t0
     cache = model.new_cache(PROMPT + DECODE + 1)
     logits = model.forward(ids[:PROMPT], 0, cache)[-1]
