@@ -40,7 +40,7 @@ class BenchError(LlamaRefError):
 PROMPT, DECODE, PREFILL = 16, 32, 128
 BATCH, BATCH_STEPS = 8, 8   # sequences decoded together, and the steps timed
 PF_KTHREAD = 0x00200000     # /proc/[pid]/stat flags: a kernel thread
-WARM_UP = 40            # more rows than the decode kernels take (32), so the prefill path compiles too
+WARM_UP = 40            # more rows than the dense kernels' row path takes (32): every path compiles
 CONTAMINATED = 0.10     # cores of CPU time other processes may take during a run
 BENCH_SEED_IDS = 3      # prompts are the ids 3, 4, 5, ...: ordinary tokens in both vocabularies
 
