@@ -7,8 +7,9 @@ __all__ = ["SMALL_BATCH", "configure_threads", "matmul", "matmul_numpy", "widen_
 
 # Numba's OpenMP workers spin after each parallel loop (GNU's default: 300,000 rounds) before
 # they sleep. A dense model's prefill alternates a parallel tile loop with BLAS, whose own
-# threads then share the cores with the spinning ones: 5120 x 13824 x 128 rows took 440-480 ms, 270-290 ms with
-# 30,000 rounds, which still spans the gap between one decoding kernel and the next.
+# threads then share the cores with the spinning ones: 5120 x 13824 x 128 rows took 440-480
+# ms, 270-290 ms with 30,000 rounds, which still spans the gap between one decoding kernel and
+# the next.
 SPIN_COUNT = 30000
 
 
