@@ -318,7 +318,7 @@ def cmd_serve(args) -> None:
     from sse_starlette.sse import AppStatus
 
     from .server import ServerSettings, create_app
-    from .server.state import served_models
+    from .server.state import load_served, served_models
     paths = served_models(args.model, args.served_model_name)
     aliases = {}
     for alias in args.alias:
@@ -343,11 +343,7 @@ def cmd_serve(args) -> None:
                               pooling=args.pooling, normalize=args.normalize, cors_origins=tuple(args.cors_origin))
     if args.ray:
         return serve_ray(args, settings, paths)
-    models = {}
-    for name, path in paths.items():
-        models[name] = load_model(path)
-        if models[name].tokenizer is None:
-            raise LlamaRefError(f"--model {path}: serving needs a tokenizer (tokenizer.model or tokenizer.json)")
+    models = load_served(paths)
     announce(args, paths)
     if args.access_log:
         access = logging.StreamHandler(sys.stderr)

@@ -333,3 +333,44 @@ def test_several_models_in_one_server_answer_each_as_alone(model_dir, model, tmp
         running.stop()
     assert model.generate("the cat", SamplingParams(max_new_tokens=8, temperature=0)).result().choices[0].text != \
         other.generate("the cat", SamplingParams(max_new_tokens=8, temperature=0)).result().choices[0].text
+
+
+
+def test_serve_loads_its_models_on_a_thread_that_ends(model_dir, monkeypatch):
+    """The server's kernels run on its scheduler threads only (load_served says why: a thread
+    that ran parallel loops and lives on would keep a pool of kernel workers)."""
+    from llama_ref.server import state
+    loaders = []
+
+    def recording_load(path):
+        loaders.append(threading.current_thread())
+        return llama_ref.load_model(path)
+    monkeypatch.setattr(state, "load_model", recording_load)
+    models = state.load_served({"a": str(model_dir), "b": str(model_dir)})
+    assert list(models) == ["a", "b"] and models["a"].tokenizer is not None
+    assert len(set(loaders)) == 1 and loaders[0] is not threading.current_thread() and not loaders[0].is_alive()
+
+
+def test_the_scheduler_runs_its_kernels_on_as_many_threads_as_its_creator_set(model, monkeypatch):
+    """Numba counts threads per thread: a Ray replica sets its share of the cores, then makes
+    its engines, whose scheduler threads must keep that share."""
+    import asyncio
+
+    import numba
+    from llama_ref.server.engine import Engine
+    seen = []
+    forward = model.forward_chunks
+    monkeypatch.setattr(model, "forward_chunks", lambda chunks: seen.append(numba.get_num_threads()) or forward(chunks))
+
+    async def run():
+        engine = Engine(model)
+        ticket = engine.admit(model.generate("the cat", SamplingParams(max_new_tokens=2)))
+        [event async for event in engine.events(ticket)]
+        engine.close()
+    cores = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        asyncio.run(run())
+    finally:
+        numba.set_num_threads(cores)
+    assert seen and set(seen) == {1}

@@ -102,6 +102,7 @@ def start(name: str, gguf: Path, context: int, timeout: float = 300.0,
 def launch(name: str, argv: list[str], port: int, timeout: float = 300.0) -> tuple[subprocess.Popen, str]:
     """(process, base URL) of a server started with argv on 127.0.0.1:port, once its
     /v1/models answers; its output goes to name.log in the peers' directory."""
+    peers_home().mkdir(parents=True, exist_ok=True)      # a fresh machine has no cache yet
     log = open(peers_home() / f"{name}.log", "w")
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

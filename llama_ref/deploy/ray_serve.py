@@ -27,10 +27,9 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import FIFOMixin, RequestRouter
 
-from ..api import load_model
 from ..server import ServerSettings, create_app
 from ..server.errors import error_body, is_native
-from ..server.state import served_models
+from ..server.state import load_served, served_models
 
 REPLICA_HEADER = "x-llama-ref-replica"      # which replica answered (its Ray replica id)
 AFFINITY_CHARS = 512                        # of a raw prompt, the part that names its conversation
@@ -96,8 +95,9 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
 @serve.deployment(health_check_period_s=5, health_check_timeout_s=30)
 class Replica:
     def __init__(self, settings: ServerSettings, paths: dict[str, str], threads: int):
-        numba.set_num_threads(threads)      # this replica's share of the node's cores
-        self.app = create_app(settings, {name: load_model(path) for name, path in paths.items()})
+        models = load_served(paths)
+        numba.set_num_threads(threads)      # this replica's share of the node's cores, for its schedulers
+        self.app = create_app(settings, models)
         self.engines = self.app.state.server.engines
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 

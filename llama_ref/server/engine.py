@@ -17,6 +17,8 @@ import asyncio
 import threading
 from collections import deque
 
+import numba
+
 from ..decoding.batch import Batch
 from ..decoding.generation import Generation
 from ..decoding.prefix import PrefixCache
@@ -70,6 +72,7 @@ class Engine:
         self.reserved = 0
         self._cv = threading.Condition()
         self._closed = False
+        self._threads = numba.get_num_threads()     # the creator's: Numba counts threads per thread
         self._thread = threading.Thread(target=self._schedule, name="scheduler", daemon=True)
         self._thread.start()
 
@@ -145,6 +148,7 @@ class Engine:
         self._cv.notify()
 
     def _schedule(self) -> None:
+        numba.set_num_threads(self._threads)
         while True:
             with self._cv:
                 while not self.starting and not self.running and not self._closed:
