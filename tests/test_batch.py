@@ -2,6 +2,7 @@
 (decoding/prefix.py): running beside other requests, joining late, or starting from a kept
 prefix never changes an answer. Each request is compared with the same request run alone
 through Model.generate."""
+import asyncio
 import json
 import random
 import shutil
@@ -9,6 +10,7 @@ import threading
 import time
 
 import httpx
+import numba
 import numpy as np
 import pytest
 
@@ -18,6 +20,7 @@ from llama_ref.decoding.batch import PREFILL_CHUNK, Batch, calls
 from llama_ref.decoding.params import sampling_params
 from llama_ref.kernels import SMALL_BATCH
 from llama_ref.nn.transformer import Chunk
+from llama_ref.server.engine import Engine
 from llama_ref.tools.serve_bench import Workload, serve_bench, workload_requests
 from conftest import make_checkpoint
 from test_server import Server, ThreadServer, loaded, served_checkpoint
@@ -335,7 +338,6 @@ def test_several_models_in_one_server_answer_each_as_alone(model_dir, model, tmp
         other.generate("the cat", SamplingParams(max_new_tokens=8, temperature=0)).result().choices[0].text
 
 
-
 def test_serve_loads_its_models_on_a_thread_that_ends(model_dir, monkeypatch):
     """The server's kernels run on its scheduler threads only (load_served says why: a thread
     that ran parallel loops and lives on would keep a pool of kernel workers)."""
@@ -354,10 +356,6 @@ def test_serve_loads_its_models_on_a_thread_that_ends(model_dir, monkeypatch):
 def test_the_scheduler_runs_its_kernels_on_as_many_threads_as_its_creator_set(model, monkeypatch):
     """Numba counts threads per thread: a Ray replica sets its share of the cores, then makes
     its engines, whose scheduler threads must keep that share."""
-    import asyncio
-
-    import numba
-    from llama_ref.server.engine import Engine
     seen = []
     forward = model.forward_chunks
     monkeypatch.setattr(model, "forward_chunks", lambda chunks: seen.append(numba.get_num_threads()) or forward(chunks))

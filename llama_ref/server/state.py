@@ -57,7 +57,7 @@ def load_served(paths: dict[str, str]) -> dict:
     scheduler threads (engine.py), and libgomp gives each thread that starts parallel loops a
     pool of workers of its own; once there are more workers than cores, they sleep after each
     loop instead of spinning, and waking them costs more than a small loop: 70 µs a parallel
-    loop instead of 2, an 8-sequence SmolLM2 step 157 ms instead of 53 (docs/server.md). Loading
+    loop instead of 2, an 8-sequence SmolLM2 step 157 ms instead of 53. Loading
     runs such loops; on a thread that then ends, its pool ends with it."""
     with ThreadPoolExecutor(1) as loader:
         models = loader.submit(lambda: {name: load_model(path) for name, path in paths.items()}).result()
