@@ -1,7 +1,7 @@
 """The inner loop of the 4-bit decode kernel, written as LLVM vector IR.
 
     dot_codes[h](words, x, x_stride, rows, acc)
-        acc[b, j] = Σ_r Σ_k code_k(words[r, j]) · x[b, 8r + k]      b < h, j < 8 · VECTORS[h]
+        acc[b, j] = Σ_r Σ_k code_k(words[r, j]) · x[b, 8r + k]      b < h, j < TILE_COLUMNS[h]
 
 for a tile of output columns of a block (kernels/gptq.py): `rows` packed rows of words (8
 codes each, LSB first; a block's rows are 64 words apart), and h rows of x (x_stride floats
@@ -14,31 +14,45 @@ row costs one multiply-add per 8 codes. Why IR and not a Numba loop: Numba keeps
 accumulators in memory; here the h x VECTORS[h] accumulators stay in registers (at most 8 of
 the 16 AVX2 registers). The IR is plain vector IR, which LLVM lowers to what the CPU has
 (`llvm.fmuladd` fuses where it has FMA); PATH names what that is.
+
+Vectors are LANES columns wide: 16 where the CPU has AVX-512 (512-bit registers), else 8.
+Each column's sums are the same operations in the same order at either width, so both give
+the same bits; `LLAMA_REF_LANES=8` chooses the narrow path on an AVX-512 CPU (tests compare
+the two).
 """
+import os
+
 import numpy as np
 from llvmlite import binding, ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+FEATURES = binding.get_host_cpu_features()
+LANES = int(os.environ.get("LLAMA_REF_LANES", 16 if FEATURES.get("avx512f") else 8))
+if LANES not in (8, 16):
+    raise ValueError(f"LLAMA_REF_LANES={LANES}: the decode kernel's vectors are 8 or 16 floats wide")
+PATH = ("avx512" if LANES == 16 and FEATURES.get("avx512f") else
+        "avx2+fma" if FEATURES.get("avx2") and FEATURES.get("fma") else "portable")
+
 I32, F32 = ir.IntType(32), ir.FloatType()
-V8I32, V8F32 = ir.VectorType(I32, 8), ir.VectorType(F32, 8)
-WORDS = 8                   # words (columns) per vector, codes per word
-BLOCK_VECTORS = 8           # a block's row is 64 words (kernels/gptq.py COLUMN_BLOCK)
-VECTORS = (0, 8, 4, 2, 2)   # vectors of 8 columns per tile of 1, 2, 3, 4 rows: 6 to 8 sums in flight
+VI32, VF32 = ir.VectorType(I32, LANES), ir.VectorType(F32, LANES)
+CODES = 8                   # codes per word
+BLOCK_COLUMNS = 64          # a block's row is 64 words (kernels/gptq.py COLUMN_BLOCK)
+BLOCK_VECTORS = BLOCK_COLUMNS // LANES
+# vectors per tile of 1, 2, 3, 4 rows: 4 to 8 sums in flight, and a tile within a block
+VECTORS = (0, 8, 4, 2, 2) if LANES == 8 else (0, 4, 4, 2, 2)
+TILE_COLUMNS = tuple(LANES * vectors for vectors in VECTORS)
 TILE_ROWS = len(VECTORS) - 1
 # code k of a word is multiplied in place (code · 2^4k), so its input comes times 2^-4k; the
 # top code is shifted down instead
-INPUT_SCALES = np.array([2.0 ** (-4 * k) for k in range(WORDS - 1)] + [1.0], dtype=np.float32)
-FEATURES = binding.get_host_cpu_features()
-PATH = ("avx512" if FEATURES.get("avx512f") else "avx2+fma" if FEATURES.get("avx2") and FEATURES.get("fma")
-        else "portable")
+INPUT_SCALES = np.array([2.0 ** (-4 * k) for k in range(CODES - 1)] + [1.0], dtype=np.float32)
 
 
 def _splat(builder, value):
-    """<8 x float> of one float."""
-    vector = builder.insert_element(ir.Constant(V8F32, ir.Undefined), value, ir.Constant(I32, 0))
-    return builder.shuffle_vector(vector, ir.Constant(V8F32, ir.Undefined), ir.Constant(V8I32, [0] * 8))
+    """<LANES x float> of one float."""
+    vector = builder.insert_element(ir.Constant(VF32, ir.Undefined), value, ir.Constant(I32, 0))
+    return builder.shuffle_vector(vector, ir.Constant(VF32, ir.Undefined), ir.Constant(VI32, [0] * LANES))
 
 
 def make_dot_codes(height: int):
@@ -50,29 +64,29 @@ def make_dot_codes(height: int):
         """Addresses (intp) of the tile's first word (uint32), of x[b0, 8 r0] (float32, input i
         times INPUT_SCALES[i mod 8]) and of acc[b0, c0] (float32, rows 64 apart); x_stride, rows: intp."""
         def codegen(context, builder, signature, args):
-            words_at = builder.inttoptr(args[0], V8I32.as_pointer())
+            words_at = builder.inttoptr(args[0], VI32.as_pointer())
             x_at = builder.inttoptr(args[1], F32.as_pointer())
             acc_at = builder.inttoptr(args[4], F32.as_pointer())
             intp = args[2].type
-            fmuladd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(V8F32, [V8F32] * 3),
-                                                     "llvm.fmuladd.v8f32")
+            fmuladd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(VF32, [VF32] * 3),
+                                                     f"llvm.fmuladd.v{LANES}f32")
             # the accumulators live in allocas that LLVM promotes to registers for the loop
-            sums = [[cgutils.alloca_once(builder, V8F32) for _ in range(vectors)] for _ in range(height)]
+            sums = [[cgutils.alloca_once(builder, VF32) for _ in range(vectors)] for _ in range(height)]
             for slot in (slot for row in sums for slot in row):
-                builder.store(ir.Constant(V8F32, [0.0] * 8), slot)
+                builder.store(ir.Constant(VF32, [0.0] * LANES), slot)
             with cgutils.for_range(builder, args[3]) as loop:
                 row_words = builder.gep(words_at, [builder.mul(loop.index, ir.Constant(intp, BLOCK_VECTORS))])
                 words = [builder.load(builder.gep(row_words, [ir.Constant(I32, c)]), align=4) for c in range(vectors)]
-                first = builder.mul(loop.index, ir.Constant(intp, WORDS))
+                first = builder.mul(loop.index, ir.Constant(intp, CODES))
                 totals = [[builder.load(slot) for slot in row] for row in sums]
-                for k in range(WORDS):
+                for k in range(CODES):
                     # code k left in place is code · 2^4k, exact in float32: its input comes scaled
                     # by 2^-4k. The top code is shifted down instead (in place its sign bit is set).
-                    if k < WORDS - 1:
-                        parts = [builder.and_(word, ir.Constant(V8I32, [0xF << 4 * k] * 8)) for word in words]
+                    if k < CODES - 1:
+                        parts = [builder.and_(word, ir.Constant(VI32, [0xF << 4 * k] * LANES)) for word in words]
                     else:
-                        parts = [builder.lshr(word, ir.Constant(V8I32, [4 * k] * 8)) for word in words]
-                    codes = [builder.sitofp(part, V8F32) for part in parts]
+                        parts = [builder.lshr(word, ir.Constant(VI32, [4 * k] * LANES)) for word in words]
+                    codes = [builder.sitofp(part, VF32) for part in parts]
                     for b in range(height):
                         at = builder.add(builder.mul(args[2], ir.Constant(intp, b)), builder.add(first, ir.Constant(intp, k)))
                         value = _splat(builder, builder.load(builder.gep(x_at, [at]), align=4))
@@ -82,8 +96,8 @@ def make_dot_codes(height: int):
                         builder.store(totals[b][c], sums[b][c])
             for b in range(height):
                 for c in range(vectors):
-                    target = builder.gep(acc_at, [ir.Constant(I32, (b * BLOCK_VECTORS + c) * WORDS)])
-                    builder.store(builder.load(sums[b][c]), builder.bitcast(target, V8F32.as_pointer()), align=4)
+                    target = builder.gep(acc_at, [ir.Constant(I32, b * BLOCK_COLUMNS + c * LANES)])
+                    builder.store(builder.load(sums[b][c]), builder.bitcast(target, VF32.as_pointer()), align=4)
             return context.get_dummy_value()
         return types.void(types.intp, types.intp, types.intp, types.intp, types.intp), codegen
 

@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 from .convert import bf16_to_f32, f16_to_f32, f32_to_f32
-from .floatdot import INPUT_SCALES, TILE_ROWS, VECTORS, dot_codes_1, dot_codes_2, dot_codes_3, dot_codes_4
+from .floatdot import INPUT_SCALES, TILE_COLUMNS, TILE_ROWS, dot_codes_1, dot_codes_2, dot_codes_3, dot_codes_4
 
 BITS = 4
 CODES_PER_WORD = 32 // BITS
@@ -117,6 +117,9 @@ def _make_kernels(widen, with_min):
     with_min: `zeros` holds each group's additive offset m (stored like the scales), so that
     W = scale · code + m, as GGUF's Q4_1 (and Q4_0, m = -8 · scale); else the uint8 zero
     points of GPTQ, W = scale · (code - zero)."""
+    # a variable of the closure, not a global: Numba's cache keys a closure on its variables'
+    # values, so the kernels of the two vector widths (floatdot.LANES) are kept apart
+    tile_columns = TILE_COLUMNS
 
     @njit(parallel=True, cache=True)
     def matmul(x, blocks, scales, zeros, group_starts):
@@ -151,7 +154,7 @@ def _make_kernels(widen, with_min):
                         continue
                     for b0 in range(0, rows, TILE_ROWS):
                         height = min(TILE_ROWS, rows - b0)
-                        for c in range(0, width, CODES_PER_WORD * VECTORS[height]):
+                        for c in range(0, width, tile_columns[height]):
                             w_at = blocks[block, r0, c:].ctypes.data
                             x_at, a_at = scaled[c0 + b0, r0 * CODES_PER_WORD:].ctypes.data, acc[b0, c:].ctypes.data
                             if height == 4:

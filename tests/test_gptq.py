@@ -5,6 +5,8 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -19,7 +21,7 @@ os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 import llama_ref  # noqa: E402
 from llama_ref.errors import CheckpointError, ConfigError  # noqa: E402
 from llama_ref.formats.gptq import GPTQConfig, prepare_layer  # noqa: E402
-from llama_ref.kernels.floatdot import INPUT_SCALES, PATH, make_dot_codes  # noqa: E402
+from llama_ref.kernels.floatdot import INPUT_SCALES, PATH, TILE_COLUMNS, make_dot_codes  # noqa: E402
 from llama_ref.kernels.gptq import (ROW_CHUNK, block_columns, block_groups, dequantize_numpy, gptq_matmul,  # noqa: E402
                                     pack_columns, pack_rows, unblock_columns, unblock_groups,
                                     unpack_columns, unpack_rows)
@@ -251,12 +253,45 @@ def test_decode_kernel_compiles_to_the_instructions_of_its_path(path):
     acc = np.zeros((4, 64), np.float32)
     kernel(words, x, acc)
     expected = rows * unpack_rows(words).sum(axis=0)      # (4, 64): small integers, exact in float32
-    assert np.array_equal(acc[:, :16], expected[:, :16]) and not acc[:, 16:].any()   # a tile of 4 rows: 16 columns
+    tile = TILE_COLUMNS[4]                                # the columns of a tile of 4 rows
+    assert np.array_equal(acc[:, :tile], expected[:, :tile]) and not acc[:, tile:].any()
     assembly = next(iter(kernel.inspect_asm().values()))
     if path == "portable":
         assert "vfmadd" not in assembly
     else:
-        assert "vfmadd231ps\t%ymm" in assembly and "vcvtdq2ps\t%ymm" in assembly
+        register = "%zmm" if path == "avx512" else "%ymm"
+        assert f"vfmadd231ps\t{register}" in assembly and f"vcvtdq2ps\t{register}" in assembly
+
+
+LANES_PROBE = """
+import sys
+import numpy as np
+from llama_ref.kernels.gptq import gptq_matmul
+given = np.load(sys.argv[1])
+np.save(sys.argv[2], gptq_matmul(given["x"], given["blocks"], given["scales"], given["zeros"], given["starts"], "F16"))
+"""
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_either_vector_width_gives_the_bits_of_this_cpus_path(lanes, tmp_path):
+    """The 8- and 16-lane kernels (LLAMA_REF_LANES) do the same operations for each column,
+    so each gives what this CPU's path gives, bit for bit, on 1 to 70 rows. Both run on every
+    machine: LLVM splits a vector wider than the CPU's registers."""
+    rng = np.random.default_rng(11)
+    codes, group_starts = rng.integers(0, 16, (512, 192)), np.array([0, 128, 256, 384, 512])
+    scales = (rng.random((4, 192)) * 0.02 + 0.001).astype(np.float16)
+    given = {"blocks": block_columns(pack_rows(codes).view(np.uint32)), "scales": block_groups(scales.view(np.uint16), 3),
+             "zeros": block_groups(rng.integers(0, 17, (4, 192)).astype(np.uint8), 3), "starts": group_starts,
+             "x": rng.standard_normal((70, 512)).astype(np.float32)}
+    np.savez(tmp_path / "given.npz", **given)
+    env = {**os.environ, "LLAMA_REF_LANES": str(lanes)}
+    out = subprocess.run([sys.executable, "-c", LANES_PROBE, tmp_path / "given.npz", tmp_path / "y.npy"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    ours = np.load(tmp_path / "y.npy")
+    for n in (1, 3, 70):
+        here = gptq_matmul(given["x"][:n], given["blocks"], given["scales"], given["zeros"], group_starts, "F16")
+        assert np.array_equal(ours[:n], here), f"{n} rows: {lanes} lanes against {PATH}"
 
 
 def test_fused_projections_equal_the_separate_ones():

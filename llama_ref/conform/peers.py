@@ -8,6 +8,7 @@ cached under $LLAMA_REF_HOME/peers (docs/conformance.md, "Peers"):
 
 Both serve a GGUF file; `start` runs one on a port and waits until it answers.
 """
+import hashlib
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
+from llvmlite import binding
 
 from ..files import atomic_output
 from ..server.thread import free_port
@@ -35,6 +37,14 @@ def peers_home() -> Path:
     return cache_home() / "peers"
 
 
+def cpu_tag() -> str:
+    """The CPU a native build is for, named in its cache directory: a binary built with this
+    CPU's instructions can crash on another (one built on an AVX2-only EPYC segfaulted at
+    start on an AVX-512 Xeon), and the cache can outlive the machine it was made on."""
+    features = ",".join(sorted(name for name, on in binding.get_host_cpu_features().items() if on))
+    return f"{binding.get_host_cpu_name()}-{hashlib.sha256(features.encode()).hexdigest()[:8]}"
+
+
 def run_logged(command: list[str], log: Path, **kwargs) -> None:
     with open(log, "a") as out:
         out.write(f"$ {' '.join(map(str, command))}\n")
@@ -45,8 +55,8 @@ def run_logged(command: list[str], log: Path, **kwargs) -> None:
 
 
 def llama_server(progress: bool = False) -> Path:
-    """The llama-server binary, built once (about 10 minutes on 2 cores)."""
-    target = peers_home() / "llama-server-0.3.36" / "llama-server"
+    """The llama-server binary, built once per CPU (about 10 minutes on 2 cores)."""
+    target = peers_home() / f"llama-server-0.3.36-{cpu_tag()}" / "llama-server"
     if target.exists():
         return target
     log = peers_home() / "llama-server-build.log"
@@ -66,7 +76,7 @@ def llama_server(progress: bool = False) -> Path:
 
 def llama_cpp_python(progress: bool = False) -> Path:
     """The python of a venv holding llama-cpp-python[server], built once for this CPU."""
-    venv = peers_home() / "llama-cpp-python-0.3.36"
+    venv = peers_home() / f"llama-cpp-python-0.3.36-{cpu_tag()}"
     if (venv / "bin" / "python").exists():
         return venv / "bin" / "python"
     log = peers_home() / "llama-cpp-python-build.log"

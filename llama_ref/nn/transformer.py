@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Literal, Protocol
 
 import numpy as np
+from numba.typed import List
 
 from ..config import ModelConfig
 from ..errors import ContextLengthError
@@ -155,13 +156,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np
     reads key/value head h // n_rep (transformers' repeat_kv).
 
     q (n, n_heads, d); k, v (n_kv_heads, ≥ T, d), of which the first T = start_pos + n
-    positions are read.  Returns (n, n_heads * d). A single row (decoding), which sees every
-    position, goes to kernels/attention.py: one compiled call instead of eight small ones.
+    positions are read.  Returns (n, n_heads * d). Decoding rows, which see every position,
+    go to kernels/attention.py instead (cached_attention).
     """
     n, n_heads, d = q.shape
     n_kv_heads, seq_len = k.shape[0], start_pos + n
-    if n == 1:
-        return decode_attention(q[0], k, v, seq_len, np.float32(1 / np.sqrt(d))).reshape(1, n_heads * d)
     k, v = k[:, :seq_len], v[:, :seq_len]
     n_rep = n_heads // n_kv_heads
     q = q.reshape(n, n_kv_heads, n_rep, d).transpose(1, 2, 0, 3)       # (n_kv, n_rep, n, d)
@@ -190,14 +189,43 @@ def spans(lengths: tuple[int, ...]):
     return zip(ends - lengths, ends)
 
 
-def cached_attention(chunks: list[Chunk], bounds: list[tuple[int, int]], layer_index: int) -> Callable:
+@dataclass(frozen=True)
+class DecodingRows:
+    """The one-row chunks of a pass (decoding steps), which attend together in one kernel
+    call a layer (kernels/attention.py): their rows in the pass, and their caches as the
+    typed lists the kernel reads, made once a pass."""
+    rows: np.ndarray       # (m,) int64
+    keys: List             # m arrays (layers, kv_heads, max_seq_len, d): each row's KVCache.k
+    values: List           # the same of KVCache.v
+    positions: np.ndarray  # (m,) int64: each row's position, where its key and value go
+
+
+def decoding_rows(chunks: list[Chunk], bounds: list[tuple[int, int]]) -> DecodingRows | None:
+    single = [(a, chunk) for chunk, (a, b) in zip(chunks, bounds) if b - a == 1]
+    if not single:
+        return None
+    return DecodingRows(np.array([a for a, _ in single]), List([chunk.cache.k for _, chunk in single]),
+                        List([chunk.cache.v for _, chunk in single]), np.array([c.start_pos for _, c in single]))
+
+
+def cached_attention(chunks: list[Chunk], bounds: list[tuple[int, int]], layer_index: int,
+                     decoding: DecodingRows | None) -> Callable:
     """attend() for chunks that extend their KV caches: each chunk's new keys and values
-    join its cache, and its queries read everything the cache then holds. bounds: each
-    chunk's rows (spans of the lengths, found once a pass rather than once a layer)."""
+    join its cache, and its queries read everything the cache then holds; the decoding rows
+    all in one kernel call, longer chunks each in NumPy. bounds: each chunk's rows (spans of
+    the lengths, found once a pass rather than once a layer)."""
     def attend(q, k, v, lengths):
-        mixed = [attention(q[a:b], *chunk.cache.update(layer_index, chunk.start_pos, k[a:b], v[a:b]), chunk.start_pos)
-                 for chunk, (a, b) in zip(chunks, bounds)]
-        return mixed[0] if len(mixed) == 1 else np.concatenate(mixed)
+        n_heads, d = q.shape[1:]
+        mixed = np.empty((q.shape[0], n_heads * d), dtype=np.float32)         # (rows, n_heads * d)
+        if decoding is not None:
+            rows = decoding.rows
+            mixed[rows] = decode_attention(q[rows], k[rows], v[rows], decoding.keys, decoding.values, layer_index,
+                                           decoding.positions, np.float32(1 / np.sqrt(d))).reshape(len(rows), -1)
+        for chunk, (a, b) in zip(chunks, bounds):
+            if b - a > 1:
+                mixed[a:b] = attention(q[a:b], *chunk.cache.update(layer_index, chunk.start_pos, k[a:b], v[a:b]),
+                                       chunk.start_pos)
+        return mixed
     return attend
 
 
@@ -262,8 +290,9 @@ def forward(config: ModelConfig, weights: Weights, chunks: list[Chunk]) -> list[
     cos, sin = np.concatenate([c for c, _ in angles]), np.concatenate([s for _, s in angles])  # (rows, d)
     x = embed(np.concatenate([chunk.tokens for chunk in chunks]), weights.tok_embeddings)     # (rows, hidden)
     bounds = list(spans(lengths))
+    decoding = decoding_rows(chunks, bounds)
     for i, layer in enumerate(weights.layers):
-        x = decoder_layer(config, layer, x, lengths, cos, sin, cached_attention(chunks, bounds, i))
+        x = decoder_layer(config, layer, x, lengths, cos, sin, cached_attention(chunks, bounds, i, decoding))
     for chunk in chunks:
         chunk.cache.length = chunk.start_pos + len(chunk.tokens)
     return outputs(weights, chunks, rms_norm_rows(x, weights.norm, np.float32(config.rms_norm_eps)), lengths)
