@@ -64,9 +64,10 @@ generate: $(STAMP)
 	$(VENV)/bin/llama-ref generate --model "$(MODEL)" $(if $(PROMPT_IDS),--prompt-ids "$(PROMPT_IDS)",--prompt "$(PROMPT)") --max-new-tokens $(TOKENS)
 
 # llama.cpp is the peer the benchmark runs beside ours; pip builds it from source once
-# (about 8 minutes on 2 cores) for this CPU and keeps the wheel in its cache.
+# (about 8 minutes on 2 cores) for this CPU, as conform/peers.py builds llama-server (no
+# AMX), and keeps the wheel in its cache.
 bench: $(STAMP)
-	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install llama-cpp-python==0.3.36
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$$($(PY) -c 'import shlex; from llama_ref.conform.peers import NATIVE_OPTIONS; print(shlex.join(NATIVE_OPTIONS))')" $(PY) -m pip install llama-cpp-python==0.3.36
 	$(VENV)/bin/llama-ref bench $(BENCH_ARGS)
 
 # The conformance kit's peers (docs/conformance.md): llama.cpp's llama-server built with cmake

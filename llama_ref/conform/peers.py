@@ -10,6 +10,7 @@ Both serve a GGUF file; `start` runs one on a port and waits until it answers.
 """
 import hashlib
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -26,23 +27,28 @@ from ..tools.assets import AssetError, cache_home, download_package
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 PEERS = ("llama-server", "llama-cpp-python")
-# llama.cpp's build options: this CPU's instructions, one static binary, no web UI download
-# (the default fetches a prebuilt UI), no libcurl, no tests or examples.
-CMAKE_OPTIONS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF",
-                 "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"]
+# This CPU's instructions but AMX: on a 2-vCPU Xeon VM whose kernel grants AMX, llama.cpp's
+# AMX matrix product crashed at its first tile instruction (ldtilecfg) as the model loaded.
+# GCC lets an explicit -mno-* win over the -march=native that GGML_NATIVE adds after it.
+NATIVE_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+NATIVE_OPTIONS = ["-DGGML_NATIVE=ON", f"-DCMAKE_C_FLAGS={NATIVE_FLAGS}", f"-DCMAKE_CXX_FLAGS={NATIVE_FLAGS}"]
+# llama.cpp's build options: one static binary, no web UI download (the default fetches a
+# prebuilt UI), no libcurl, no tests or examples.
+CMAKE_OPTIONS = ["-DCMAKE_BUILD_TYPE=Release", *NATIVE_OPTIONS, "-DBUILD_SHARED_LIBS=OFF",
+                 "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"]
 
 
 def peers_home() -> Path:
     return cache_home() / "peers"
 
 
-def cpu_tag() -> str:
-    """The CPU a native build is for, named in its cache directory: a binary built with this
-    CPU's instructions can crash on another (one built on an AVX2-only EPYC segfaulted at
-    start on an AVX-512 Xeon), and the cache can outlive the machine it was made on."""
+def build_tag() -> str:
+    """The CPU a native build is for and how it was built, named in its cache directory: a
+    binary built with one CPU's instructions can crash on another, and the cache can outlive
+    the machine it was made on."""
     features = ",".join(sorted(name for name, on in binding.get_host_cpu_features().items() if on))
-    return f"{binding.get_host_cpu_name()}-{hashlib.sha256(features.encode()).hexdigest()[:8]}"
+    digest = hashlib.sha256(f"{features} {CMAKE_OPTIONS}".encode()).hexdigest()[:8]
+    return f"{binding.get_host_cpu_name()}-{digest}"
 
 
 def run_logged(command: list[str], log: Path, **kwargs) -> None:
@@ -56,7 +62,7 @@ def run_logged(command: list[str], log: Path, **kwargs) -> None:
 
 def llama_server(progress: bool = False) -> Path:
     """The llama-server binary, built once per CPU (about 10 minutes on 2 cores)."""
-    target = peers_home() / f"llama-server-0.3.36-{cpu_tag()}" / "llama-server"
+    target = peers_home() / f"llama-server-0.3.36-{build_tag()}" / "llama-server"
     if target.exists():
         return target
     log = peers_home() / "llama-server-build.log"
@@ -76,7 +82,7 @@ def llama_server(progress: bool = False) -> Path:
 
 def llama_cpp_python(progress: bool = False) -> Path:
     """The python of a venv holding llama-cpp-python[server], built once for this CPU."""
-    venv = peers_home() / f"llama-cpp-python-0.3.36-{cpu_tag()}"
+    venv = peers_home() / f"llama-cpp-python-0.3.36-{build_tag()}"
     if (venv / "bin" / "python").exists():
         return venv / "bin" / "python"
     log = peers_home() / "llama-cpp-python-build.log"
@@ -85,7 +91,7 @@ def llama_cpp_python(progress: bool = False) -> Path:
         run_logged([sys.executable, "-m", "venv", str(staging)], log)
         run_logged([str(staging / "bin" / "python"), "-m", "pip", "install", "--quiet",
                     f"llama-cpp-python[server]=={LLAMA_CPP_PYTHON.split('==')[1]}"], log,
-                   env={**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON"})
+                   env={**os.environ, "CMAKE_ARGS": shlex.join(NATIVE_OPTIONS)})
     return venv / "bin" / "python"
 
 
