@@ -63,11 +63,11 @@ run: $(STAMP)
 generate: $(STAMP)
 	$(VENV)/bin/llama-ref generate --model "$(MODEL)" $(if $(PROMPT_IDS),--prompt-ids "$(PROMPT_IDS)",--prompt "$(PROMPT)") --max-new-tokens $(TOKENS)
 
-# llama.cpp is the peer the benchmark runs beside ours; pip builds it from source once
-# (about 8 minutes on 2 cores) for this CPU, as conform/peers.py builds llama-server (no
-# AMX), and keeps the wheel in its cache.
+# llama.cpp is the peer the benchmark runs beside ours; pip builds it from source once per
+# venv (about 8 minutes on 2 cores) for this CPU, as conform/peers.py builds llama-server (no
+# AMX). Not from pip's wheel cache: a wheel built for another CPU can crash on this one.
 bench: $(STAMP)
-	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$$($(PY) -c 'import shlex; from llama_ref.conform.peers import NATIVE_OPTIONS; print(shlex.join(NATIVE_OPTIONS))')" $(PY) -m pip install llama-cpp-python==0.3.36
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$$($(PY) -c 'import shlex; from llama_ref.conform.peers import NATIVE_OPTIONS; print(shlex.join(NATIVE_OPTIONS))')" $(PY) -m pip install --no-cache-dir llama-cpp-python==0.3.36
 	$(VENV)/bin/llama-ref bench $(BENCH_ARGS)
 
 # The conformance kit's peers (docs/conformance.md): llama.cpp's llama-server built with cmake
