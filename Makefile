@@ -67,7 +67,9 @@ generate: $(STAMP)
 # venv (about 8 minutes on 2 cores) for this CPU, as conform/peers.py builds llama-server (no
 # AMX). Not from pip's wheel cache: a wheel built for another CPU can crash on this one.
 bench: $(STAMP)
-	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$$($(PY) -c 'import shlex; from llama_ref.conform.peers import NATIVE_OPTIONS; print(shlex.join(NATIVE_OPTIONS))')" $(PY) -m pip install --no-cache-dir llama-cpp-python==0.3.36
+	$(PY) -c "import llama_cpp" 2>/dev/null || { \
+	  args=$$($(PY) -c 'import shlex; from llama_ref.conform.peers import NATIVE_OPTIONS as o; print(shlex.join(o))') \
+	  && CMAKE_ARGS="$$args" $(PY) -m pip install --no-cache-dir llama-cpp-python==0.3.36; }
 	$(VENV)/bin/llama-ref bench $(BENCH_ARGS)
 
 # The conformance kit's peers (docs/conformance.md): llama.cpp's llama-server built with cmake

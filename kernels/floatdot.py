@@ -29,9 +29,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 FEATURES = binding.get_host_cpu_features()
-LANES = int(os.environ.get("LLAMA_REF_LANES", 16 if FEATURES.get("avx512f") else 8))
-if LANES not in (8, 16):
-    raise ValueError(f"LLAMA_REF_LANES={LANES}: the decode kernel's vectors are 8 or 16 floats wide")
+LANES_SET = os.environ.get("LLAMA_REF_LANES", "16" if FEATURES.get("avx512f") else "8")
+if LANES_SET not in ("8", "16"):
+    raise ValueError(f"LLAMA_REF_LANES={LANES_SET!r}: the decode kernel's vectors are 8 or 16 floats wide")
+LANES = int(LANES_SET)
 PATH = ("avx512" if LANES == 16 and FEATURES.get("avx512f") else
         "avx2+fma" if FEATURES.get("avx2") and FEATURES.get("fma") else "portable")
 

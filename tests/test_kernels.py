@@ -96,7 +96,6 @@ def test_decode_attention_stores_each_row_and_equals_a_float64_softmax_alone_or_
     """Several sequences in one call, each with a cache of its own holding more positions than
     are read (layer 1 of 2), grouped heads included: each row's key and value land at its
     position, its output equals the float64 twin, and bit for bit what it gets alone."""
-    from numba.typed import List
     from llama_ref.kernels.attention import decode_attention, decode_attention_numpy
     rng = np.random.default_rng(sum(lengths))
     n, d, scale = len(lengths), 64, np.float32(1 / np.sqrt(64))
@@ -104,15 +103,16 @@ def test_decode_attention_stores_each_row_and_equals_a_float64_softmax_alone_or_
     values = [rng.standard_normal((2, kv_heads, length + 5, d)).astype(np.float32) * 2 for length in lengths]
     q = rng.standard_normal((n, heads, d)).astype(np.float32) * 2
     k_new, v_new = rng.standard_normal((2, n, kv_heads, d)).astype(np.float32)
-    positions = np.array(lengths) - 1
-    ours = decode_attention(q, k_new, v_new, List(keys), List(values), 1, positions, scale)
+    positions, capacities = np.array(lengths) - 1, np.array(lengths) + 5
+    addresses = [np.array([a.ctypes.data for a in arrays], dtype=np.intp) for arrays in (keys, values)]
+    ours = decode_attention(q, k_new, v_new, *addresses, capacities, 1, positions, scale)
     for s, length in enumerate(lengths):
         np.testing.assert_array_equal(keys[s][1, :, length - 1], k_new[s])
         np.testing.assert_array_equal(values[s][1, :, length - 1], v_new[s])
         expected = decode_attention_numpy(q[s], keys[s][1], values[s][1], length, scale)
         np.testing.assert_allclose(ours[s], expected, rtol=1e-5, atol=1e-5)
-        alone = decode_attention(q[s:s + 1], k_new[s:s + 1], v_new[s:s + 1], List([keys[s]]), List([values[s]]), 1,
-                                 positions[s:s + 1], scale)
+        alone = decode_attention(q[s:s + 1], k_new[s:s + 1], v_new[s:s + 1], addresses[0][s:s + 1],
+                                 addresses[1][s:s + 1], capacities[s:s + 1], 1, positions[s:s + 1], scale)
         np.testing.assert_array_equal(alone[0], ours[s])
 
 

@@ -35,7 +35,8 @@ NATIVE_OPTIONS = ["-DGGML_NATIVE=ON", f"-DCMAKE_C_FLAGS={NATIVE_FLAGS}", f"-DCMA
 # llama.cpp's build options: one static binary, no web UI download (the default fetches a
 # prebuilt UI), no libcurl, no tests or examples.
 CMAKE_OPTIONS = ["-DCMAKE_BUILD_TYPE=Release", *NATIVE_OPTIONS, "-DBUILD_SHARED_LIBS=OFF",
-                 "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"]
+                 "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"]
 
 
 def peers_home() -> Path:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from typing import Callable, Literal, Protocol
 
 import numpy as np
-from numba.typed import List
 
 from ..config import ModelConfig
 from ..errors import ContextLengthError
@@ -190,37 +189,41 @@ def spans(lengths: tuple[int, ...]):
 
 
 @dataclass(frozen=True)
-class DecodingRows:
-    """The one-row chunks of a pass (decoding steps), which attend together in one kernel
-    call a layer (kernels/attention.py): their rows in the pass, and their caches as the
-    typed lists the kernel reads, made once a pass."""
-    rows: np.ndarray       # (m,) int64
-    keys: List             # m arrays (layers, kv_heads, max_seq_len, d): each row's KVCache.k
-    values: List           # the same of KVCache.v
-    positions: np.ndarray  # (m,) int64: each row's position, where its key and value go
+class SingleRows:
+    """The one-row chunks of a pass (decoding steps, and a prompt's one-token chunks), which
+    attend together in one kernel call a layer (kernels/attention.py): their rows in the pass,
+    and their caches' arrays as the kernel takes them, by address (the chunks keep them alive)."""
+    rows: np.ndarray        # (m,) int64
+    keys: np.ndarray        # (m,) intp: the address of each row's KVCache.k
+    values: np.ndarray      # (m,) intp: the same of KVCache.v
+    capacities: np.ndarray  # (m,) int64: each cache's max_seq_len
+    positions: np.ndarray   # (m,) int64: each row's position, where its key and value go
 
 
-def decoding_rows(chunks: list[Chunk], bounds: list[tuple[int, int]]) -> DecodingRows | None:
+def single_rows(chunks: list[Chunk], bounds: list[tuple[int, int]]) -> SingleRows | None:
     single = [(a, chunk) for chunk, (a, b) in zip(chunks, bounds) if b - a == 1]
     if not single:
         return None
-    return DecodingRows(np.array([a for a, _ in single]), List([chunk.cache.k for _, chunk in single]),
-                        List([chunk.cache.v for _, chunk in single]), np.array([c.start_pos for _, c in single]))
+    caches = [chunk.cache for _, chunk in single]
+    return SingleRows(np.array([a for a, _ in single]), np.array([c.k.ctypes.data for c in caches], dtype=np.intp),
+                      np.array([c.v.ctypes.data for c in caches], dtype=np.intp),
+                      np.array([c.max_seq_len for c in caches]), np.array([chunk.start_pos for _, chunk in single]))
 
 
 def cached_attention(chunks: list[Chunk], bounds: list[tuple[int, int]], layer_index: int,
-                     decoding: DecodingRows | None) -> Callable:
+                     single: SingleRows | None) -> Callable:
     """attend() for chunks that extend their KV caches: each chunk's new keys and values
-    join its cache, and its queries read everything the cache then holds; the decoding rows
+    join its cache, and its queries read everything the cache then holds; the one-row chunks
     all in one kernel call, longer chunks each in NumPy. bounds: each chunk's rows (spans of
     the lengths, found once a pass rather than once a layer)."""
     def attend(q, k, v, lengths):
         n_heads, d = q.shape[1:]
         mixed = np.empty((q.shape[0], n_heads * d), dtype=np.float32)         # (rows, n_heads * d)
-        if decoding is not None:
-            rows = decoding.rows
-            mixed[rows] = decode_attention(q[rows], k[rows], v[rows], decoding.keys, decoding.values, layer_index,
-                                           decoding.positions, np.float32(1 / np.sqrt(d))).reshape(len(rows), -1)
+        if single is not None:
+            rows = single.rows
+            attended = decode_attention(q[rows], k[rows], v[rows], single.keys, single.values, single.capacities,
+                                        layer_index, single.positions, np.float32(1 / np.sqrt(d)))  # (m, heads, d)
+            mixed[rows] = attended.reshape(len(rows), -1)
         for chunk, (a, b) in zip(chunks, bounds):
             if b - a > 1:
                 mixed[a:b] = attention(q[a:b], *chunk.cache.update(layer_index, chunk.start_pos, k[a:b], v[a:b]),
@@ -290,9 +293,9 @@ def forward(config: ModelConfig, weights: Weights, chunks: list[Chunk]) -> list[
     cos, sin = np.concatenate([c for c, _ in angles]), np.concatenate([s for _, s in angles])  # (rows, d)
     x = embed(np.concatenate([chunk.tokens for chunk in chunks]), weights.tok_embeddings)     # (rows, hidden)
     bounds = list(spans(lengths))
-    decoding = decoding_rows(chunks, bounds)
+    single = single_rows(chunks, bounds)
     for i, layer in enumerate(weights.layers):
-        x = decoder_layer(config, layer, x, lengths, cos, sin, cached_attention(chunks, bounds, i, decoding))
+        x = decoder_layer(config, layer, x, lengths, cos, sin, cached_attention(chunks, bounds, i, single))
     for chunk in chunks:
         chunk.cache.length = chunk.start_pos + len(chunk.tokens)
     return outputs(weights, chunks, rms_norm_rows(x, weights.norm, np.float32(config.rms_norm_eps)), lengths)
