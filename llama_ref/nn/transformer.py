@@ -155,7 +155,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int) -> np
     reads key/value head h // n_rep (transformers' repeat_kv).
 
     q (n, n_heads, d); k, v (n_kv_heads, ≥ T, d), of which the first T = start_pos + n
-    positions are read.  Returns (n, n_heads * d). Decoding rows, which see every position,
+    positions are read.  Returns (n, n_heads * d). One-row chunks, which see every position,
     go to kernels/attention.py instead (cached_attention).
     """
     n, n_heads, d = q.shape
