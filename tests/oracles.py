@@ -8,6 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import filelock
+
 from llama_ref.files import atomic_output
 from llama_ref.tools.assets import cache_home
 
@@ -63,11 +65,14 @@ def smollm2_checkpoint(gguf_file: Path) -> Path:
 
 def derived(name: str, make) -> Path:
     """$LLAMA_REF_HOME/derived/name, made by make(staging directory) the first time and
-    renamed into place whole (llama_ref.files.atomic_output)."""
+    renamed into place whole (llama_ref.files.atomic_output). Test workers that ask for it at
+    once take turns on a lock beside it: the later ones find it made."""
     target = cache_home() / "derived" / name
-    if not target.exists():
-        with atomic_output(target, directory=True) as staging:
-            make(staging)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(target.parent / f".{name}.lock"):
+        if not target.exists():
+            with atomic_output(target, directory=True) as staging:
+                make(staging)
     return target
 
 

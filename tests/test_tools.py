@@ -221,6 +221,8 @@ def test_tool_errors_name_the_field(tools, tool_choice, param, words):
     ({"type": "object", "properties": {"a": {"minLength": -1}}}, "json_schema.properties.a.minLength"),
     ({"type": "object", "dependentSchemas": {"a": {}}}, "json_schema.dependentSchemas"),
     ([1, 2], "json_schema"),
+    ({"type": "integer", "minimum": -2**63 - 1}, "json_schema.minimum"),
+    ({"type": "array", "items": {"enum": [1, 2**64]}}, "json_schema.items.enum[1]"),
 ])
 def test_a_bad_answer_schema_is_refused_at_its_path(schema, param):
     with pytest.raises(SchemaError) as err:

@@ -39,6 +39,9 @@ def check_schema(schema, param: str) -> None:
     if error is not None:
         path = param + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
         raise SchemaError(f"{path}: not valid JSON Schema (Draft 2020-12): {error.message}", path)
+    wide = wide_integer_path(schema)
+    if wide is not None:
+        raise SchemaError(f"{param}{wide}: the grammar engine reads integers from -2**63 to 2**64 - 1", param + wide)
     failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(schema_grammar(schema))
     if failed:
         keys = re.findall(r'"([^"]+)"', messages[0]) if "Unimplemented keys" in messages[0] else []
@@ -69,6 +72,20 @@ def keyword_path(schema, keyword: str, path: str = "") -> str | None:
         if found is not None:
             return found
     return None
+
+
+def wide_integer_path(schema, path: str = "") -> str | None:
+    """Where the first integer lies that llguidance cannot read (its JSON numbers are 64-bit;
+    it raises a bare ValueError on a wider one), as ".properties.a.minimum"."""
+    if isinstance(schema, int) and not isinstance(schema, bool):
+        return None if -2**63 <= schema < 2**64 else path
+    if isinstance(schema, dict):
+        items = ((f".{key}", value) for key, value in schema.items())
+    elif isinstance(schema, list):
+        items = ((f"[{i}]", value) for i, value in enumerate(schema))
+    else:
+        return None
+    return next((found for key, value in items if (found := wide_integer_path(value, path + key)) is not None), None)
 
 
 def dumps(value) -> str:
