@@ -7,6 +7,7 @@ so a forward pass that skipped them could not pass.
 import json
 import os
 
+import numba
 import numpy as np
 import pytest
 import sentencepiece
@@ -23,6 +24,18 @@ from llama_ref.tokenizer import HFTokenizer, load_gguf_tokenizer, load_tokenizer
 settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+# Test workers share the cores: each runs torch and the kernels on its part, and so does
+# torch in the processes its tests start. (Numba's pool keeps every core, for tests that set
+# more, and Numba refuses a NUMBA_NUM_THREADS changed after its start.) With every core in
+# each of 2 workers, the pools spun against each other: test_gguf, test_quantize and
+# test_model_vs_transformers took 162 s on 2 cores, 126 s with one thread a worker.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+if WORKERS > 1:
+    SHARE = max(1, len(os.sched_getaffinity(0)) // WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(SHARE)
+    torch.set_num_threads(SHARE)
+    numba.set_num_threads(SHARE)
 
 SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
