@@ -6,11 +6,18 @@ compiles to the CPU's conversion instruction (F16C) and is exact for every one o
 65536 patterns, subnormals, infinities and NaNs included. bf16 is the top half of a
 float32, so widening it is a 16-bit shift. Each has a NumPy twin that the tests compare
 against.
+
+The kernels widen through `widen(storage, value)`, with the storage's name ("F16", "BF16",
+"F32") a constant of the kernel's closure. Why a name and not the function itself: Numba's
+disk cache keys a closure on its variables as pickled, and a compiled function pickles with
+an id new in every process, so each process compiled the kernels again (4-5 s before the
+first token of every `generate`, server and test subprocess).
 """
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import types
+from numba.core.errors import TypingError
+from numba.extending import intrinsic, overload
 
 
 @intrinsic
@@ -30,9 +37,21 @@ def bf16_to_f32(typingctx, bits):
     return types.float32(types.uint16), codegen
 
 
-@njit(inline="always")
-def f32_to_f32(value):
-    return value
+def widen(storage, value):
+    """value (a stored weight) as float32, read as `storage` says; inside kernels only."""
+
+
+@overload(widen)
+def _widen(storage, value):
+    if not isinstance(storage, types.StringLiteral):
+        raise TypingError(f"widen: the storage must be a constant name, got {storage}")
+    if storage.literal_value == "F16":
+        return lambda storage, value: f16_to_f32(value)
+    if storage.literal_value == "BF16":
+        return lambda storage, value: bf16_to_f32(value)
+    if storage.literal_value == "F32":
+        return lambda storage, value: np.float32(value)
+    raise TypingError(f"widen: storage {storage.literal_value!r} is none of F16, BF16, F32")
 
 
 def f16_to_f32_numpy(bits: np.ndarray) -> np.ndarray:

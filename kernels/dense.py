@@ -17,8 +17,7 @@ Each kernel has a NumPy twin (`*_numpy`) that the tests compare against.
 import numpy as np
 from numba import njit, prange
 
-from .convert import (bf16_to_f32, bf16_to_f32_numpy, f16_to_f32, f16_to_f32_numpy,
-                      f32_to_f32, f32_to_f32_numpy)
+from .convert import bf16_to_f32_numpy, f16_to_f32_numpy, f32_to_f32_numpy, widen
 
 # reassoc lets LLVM vectorise the dot-product reduction; no flag that changes inf/nan handling.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -29,7 +28,7 @@ SMALL_BATCH = 32
 TILE_ROWS = 512
 
 
-def _make_matmul(widen):
+def _make_matmul(storage):
     @njit(parallel=True, fastmath=FASTMATH, cache=True)
     def matmul(x, w):
         n, d_in = x.shape
@@ -39,27 +38,26 @@ def _make_matmul(widen):
             for b in range(n):
                 acc = np.float32(0.0)
                 for i in range(d_in):
-                    acc += widen(w[o, i]) * x[b, i]
+                    acc += widen(storage, w[o, i]) * x[b, i]
                 y[b, o] = acc
         return y
     return matmul
 
 
-def _make_widen_rows(widen):
+def _make_widen_rows(storage):
     @njit(parallel=True, cache=True)
     def widen_rows(w, start, stop):
         d_in = w.shape[1]
         tile = np.empty((stop - start, d_in), dtype=np.float32)  # (rows, in)
         for r in prange(stop - start):
             for i in range(d_in):
-                tile[r, i] = widen(w[start + r, i])
+                tile[r, i] = widen(storage, w[start + r, i])
         return tile
     return widen_rows
 
 
-_MATMUL = {"F32": _make_matmul(f32_to_f32), "F16": _make_matmul(f16_to_f32),
-           "BF16": _make_matmul(bf16_to_f32)}
-_WIDEN_ROWS = {"F16": _make_widen_rows(f16_to_f32), "BF16": _make_widen_rows(bf16_to_f32)}
+_MATMUL = {storage: _make_matmul(storage) for storage in ("F32", "F16", "BF16")}
+_WIDEN_ROWS = {storage: _make_widen_rows(storage) for storage in ("F16", "BF16")}
 _WIDEN_NUMPY = {"F32": f32_to_f32_numpy, "F16": f16_to_f32_numpy, "BF16": bf16_to_f32_numpy}
 
 

@@ -28,7 +28,7 @@ would also cost the dequantizing: benchmarks.md, "Prefill").
 import numpy as np
 from numba import njit, prange
 
-from .convert import bf16_to_f32, f16_to_f32, f32_to_f32
+from .convert import widen
 from .floatdot import INPUT_SCALES, TILE_COLUMNS, TILE_ROWS, dot_codes_1, dot_codes_2, dot_codes_3, dot_codes_4
 
 BITS = 4
@@ -112,8 +112,8 @@ def unblock_groups(values: np.ndarray, out: int) -> np.ndarray:
     return values.transpose(1, 0, 2).reshape(values.shape[1], -1)[:, :out]
 
 
-def _make_kernels(widen, with_min):
-    """The matrix product and the dequantized tile for scales stored as `widen` reads them.
+def _make_kernels(storage, with_min):
+    """The matrix product and the dequantized tile for scales stored as `storage` says.
     with_min: `zeros` holds each group's additive offset m (stored like the scales), so that
     W = scale · code + m, as GGUF's Q4_1 (and Q4_0, m = -8 · scale); else the uint8 zero
     points of GPTQ, W = scale · (code - zero)."""
@@ -166,9 +166,9 @@ def _make_kernels(widen, with_min):
                             else:
                                 dot_codes_1(w_at, x_at, d_in, r1 - r0, a_at)
                     for j in range(width):
-                        scale[j] = widen(scales[block, g, j])
+                        scale[j] = widen(storage, scales[block, g, j])
                         if with_min:
-                            offset[j] = widen(zeros[block, g, j])
+                            offset[j] = widen(storage, zeros[block, g, j])
                         else:
                             zero[j] = np.float64(zeros[block, g, j])
                     for b in range(rows):
@@ -194,18 +194,19 @@ def _make_kernels(widen, with_min):
                     for jj in range(width):
                         j = block * width + jj
                         code = np.float32((blocks[block, r, jj] >> shift) & 15)
+                        scale = widen(storage, scales[block, g, jj])
                         if with_min:
-                            out[i, j - j0] = widen(scales[block, g, jj]) * code + widen(zeros[block, g, jj])
+                            out[i, j - j0] = scale * code + widen(storage, zeros[block, g, jj])
                         else:
-                            out[i, j - j0] = widen(scales[block, g, jj]) * (code - np.float32(zeros[block, g, jj]))
+                            out[i, j - j0] = scale * (code - np.float32(zeros[block, g, jj]))
         return out
 
     return matmul, tile
 
 
 # (scale storage, offsets are mins) -> (matrix product, dequantized tile); fp16 scales stay 16-bit in memory
-_KERNELS = {("F16", False): _make_kernels(f16_to_f32, False), ("BF16", False): _make_kernels(bf16_to_f32, False),
-            ("F32", False): _make_kernels(f32_to_f32, False), ("F16", True): _make_kernels(f16_to_f32, True)}
+_KERNELS = {(storage, with_min): _make_kernels(storage, with_min)
+            for storage, with_min in (("F16", False), ("BF16", False), ("F32", False), ("F16", True))}
 
 
 def gptq_matmul(x, blocks, scales, zeros, group_starts, storage, with_min=False):

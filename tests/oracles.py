@@ -14,7 +14,10 @@ from llama_ref.files import atomic_output
 from llama_ref.tools.assets import cache_home
 
 # gptqmodel on a 2-core CPU: its worker pool needs the count, torch.compile and the C++ packer stay off.
-GPTQMODEL_ENV = {"GPTQMODEL_CPU_WORKERS": "2", "TORCHDYNAMO_DISABLE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1"}
+# torch's threads are fixed too, whatever share of the cores the test worker has (conftest.py):
+# the sums' order follows them, and a checkpoint made on one thread answered differently.
+GPTQMODEL_ENV = {"GPTQMODEL_CPU_WORKERS": "2", "TORCHDYNAMO_DISABLE": "1", "GPTQMODEL_DISABLE_PACK_EXT": "1",
+                 "OMP_NUM_THREADS": "2"}
 
 # Calibration is texts (str) or token-id lists; options go to QuantizeConfig as they are. The
 # dtype is the one gptqmodel runs the calibration forward in and saves unquantized tensors in.

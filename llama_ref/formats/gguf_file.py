@@ -39,6 +39,21 @@ def is_dense(tensor) -> bool:
     return tensor.tensor_type.name in DENSE_STORAGE
 
 
+class MappedReader(gguf.GGUFReader):
+    """gguf's reader over a plain array view of its mapped file: it slices the file once per
+    value it reads (about 250,000 times for a 49,152-token vocabulary and its merges), and a
+    slice of np.memmap costs several times that of an ndarray: SmolLM2's GGUF took 3.7 s to
+    open, 1.2 s this way. The tensors are still views of the mapping."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, mapped: np.memmap) -> None:
+        self._data = mapped.view(np.ndarray)
+
+
 def field(reader: gguf.GGUFReader, key: str, default=None):
     value = reader.fields.get(key)
     return default if value is None else value.contents()
@@ -245,7 +260,7 @@ def check_structure(path: Path) -> None:
 
 def read_gguf(path: Path) -> tuple[ModelConfig, Weights, Tokenizer]:
     check_structure(path)
-    reader = gguf.GGUFReader(path)
+    reader = MappedReader(path)
     config = gguf_config(reader, str(path))
     tensors = {t.name: t for t in reader.tensors}
     check_data_regions(reader, path)
