@@ -70,6 +70,23 @@ def test_tiled_kernel_covers_a_partial_last_tile():
     assert np.allclose(dense.matmul_tiled(x, w, "F16"), dense.matmul_numpy(x, w, "F16"), rtol=1e-5, atol=1e-5)
 
 
+CACHE_KEY_PROBE = """
+from llama_ref.kernels import dense, gptq
+kernels = [*dense._MATMUL.values(), *dense._WIDEN_ROWS.values(), *(k for pair in gptq._KERNELS.values() for k in pair)]
+for kernel in kernels:
+    print(kernel._cache._index_key((), kernel.targetctx.codegen()))
+"""
+
+
+def test_every_process_finds_the_kernels_under_the_same_cache_key():
+    """Numba's disk cache keys each kernel made by a factory on its closure's variables as
+    pickled: a variable that pickles differently in each process (a compiled function does)
+    makes every process compile the kernels again, seconds before its first token."""
+    keys = [subprocess.run([sys.executable, "-c", CACHE_KEY_PROBE], capture_output=True, text=True, timeout=300,
+                           check=True).stdout for _ in range(2)]
+    assert keys[0].count("\n") == 13 and keys[0] == keys[1]
+
+
 SPIN_PROBE = """
 import os, sys
 import llama_ref
