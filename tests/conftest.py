@@ -143,16 +143,6 @@ pytest_runtest_setup = pytest.hookimpl(wrapper=True)(_missing_asset_skips)
 pytest_runtest_call = pytest.hookimpl(wrapper=True)(_missing_asset_skips)
 
 
-# The files that take minutes (a Ray cluster; gptqmodel's checkpoints on a fresh machine; the
-# quantizer) go first: pytest-xdist hands whole files to the workers in this order, and one
-# of them started last kept the other worker idle at the end.
-FIRST = ("test_ray_serve.py", "test_gptq_real.py", "test_quantize.py")
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))
-
-
 def pytest_terminal_summary(terminalreporter):
     if MISSING_ORACLES:
         terminalreporter.section(f"{len(MISSING_ORACLES)} TESTS SKIPPED: AN INDEPENDENT ORACLE OR ASSET IS MISSING",
