@@ -29,7 +29,7 @@ if os.environ.get("CI"):
 # torch in the processes its tests start. (Numba's pool keeps every core, for tests that set
 # more, and Numba refuses a NUMBA_NUM_THREADS changed after its start.) With every core in
 # each of 2 workers, the pools spun against each other: test_gguf, test_quantize and
-# test_model_vs_transformers took 162 s on 2 cores, 126 s with one thread a worker.
+# test_model_vs_transformers took 162 s on 2 cores, 116 s with one thread a worker.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
 if WORKERS > 1:
     SHARE = max(1, len(os.sched_getaffinity(0)) // WORKERS)

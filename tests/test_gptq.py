@@ -281,7 +281,8 @@ def test_the_other_vector_width_gives_the_bits_of_this_cpus_path(lanes, tmp_path
     codes, group_starts = rng.integers(0, 16, (512, 192)), np.array([0, 128, 256, 384, 512])
     scales = (rng.random((4, 192)) * 0.02 + 0.001).astype(np.float16)
     given = {"blocks": block_columns(pack_rows(codes).view(np.uint32)),
-             "scales": block_groups(scales.view(np.uint16), 3), "zeros": block_groups(rng.integers(0, 17, (4, 192)).astype(np.uint8), 3), "starts": group_starts,
+             "scales": block_groups(scales.view(np.uint16), 3),
+             "zeros": block_groups(rng.integers(0, 17, (4, 192)).astype(np.uint8), 3), "starts": group_starts,
              "x": rng.standard_normal((70, 512)).astype(np.float32)}
     np.savez(tmp_path / "given.npz", **given)
     env = {**os.environ, "LLAMA_REF_LANES": str(lanes)}

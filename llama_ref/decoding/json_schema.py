@@ -57,35 +57,29 @@ def schema_grammar(schema) -> str:
                                                          else None)
 
 
-def keyword_path(schema, keyword: str, path: str = "") -> str | None:
-    """Where `keyword` first appears as a key in the schema (".properties.a.pattern")."""
+def nodes(schema, path: str = ""):
+    """Every value in the schema with its path (".properties.a", ".enum[1]"), each before the
+    values it holds."""
+    yield path, schema
     if isinstance(schema, dict):
-        if keyword in schema:
-            return f"{path}.{keyword}"
-        items = schema.items()
+        for key, value in schema.items():
+            yield from nodes(value, f"{path}.{key}")
     elif isinstance(schema, list):
-        items = ((f"[{i}]", v) for i, v in enumerate(schema))
-    else:
-        return None
-    for key, value in items:
-        found = keyword_path(value, keyword, path + (key if key.startswith("[") else f".{key}"))
-        if found is not None:
-            return found
-    return None
+        for i, value in enumerate(schema):
+            yield from nodes(value, f"{path}[{i}]")
 
 
-def wide_integer_path(schema, path: str = "") -> str | None:
+def keyword_path(schema, keyword: str) -> str | None:
+    """Where `keyword` first appears as a key in the schema (".properties.a.pattern")."""
+    return next((f"{path}.{keyword}" for path, node in nodes(schema) if isinstance(node, dict) and keyword in node),
+                None)
+
+
+def wide_integer_path(schema) -> str | None:
     """Where the first integer lies that llguidance cannot read (its JSON numbers are 64-bit;
     it raises a bare ValueError on a wider one), as ".properties.a.minimum"."""
-    if isinstance(schema, int) and not isinstance(schema, bool):
-        return None if -2**63 <= schema < 2**64 else path
-    if isinstance(schema, dict):
-        items = ((f".{key}", value) for key, value in schema.items())
-    elif isinstance(schema, list):
-        items = ((f"[{i}]", value) for i, value in enumerate(schema))
-    else:
-        return None
-    return next((found for key, value in items if (found := wide_integer_path(value, path + key)) is not None), None)
+    return next((path for path, node in nodes(schema) if isinstance(node, int) and not isinstance(node, bool)
+                 and not -2**63 <= node < 2**64), None)
 
 
 def dumps(value) -> str:
